@@ -1,0 +1,202 @@
+//! The resolved configuration of a run: a preset, then an optional TOML file, then CLI flags.
+
+use crate::data::augment::AugmentConfig;
+use crate::ema::TauSchedule;
+use crate::eval::knn::Vote;
+use crate::model::byol::ByolConfig;
+use crate::optim::OptimizerConfig;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Every setting of a training run; `config.toml` in a run directory is this, serialised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ByolConfig,
+    pub optimizer: OptimizerConfig,
+    pub ema: EmaConfig,
+    pub data: DataConfig,
+    pub train: LoopConfig,
+    pub knn: KnnConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    pub tau_base: f64,
+    pub schedule: TauSchedule,
+    /// Also average BatchNorm running statistics (otherwise the target keeps its own).
+    pub average_bn_stats: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Images are resized to this square side when they are loaded.
+    pub image_size: usize,
+    pub batch_size: usize,
+    /// Class-balanced subset of this many training images; 0 takes them all.
+    pub train_limit: usize,
+    /// Augmentation threads; 0 uses every core.
+    pub workers: usize,
+    pub augment: AugmentConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    pub epochs: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnConfig {
+    /// Run the kNN monitor every this many epochs (and before training); 0 turns it off.
+    pub every: usize,
+    pub k: usize,
+    pub temperature: f64,
+    pub vote: Vote,
+}
+
+/// Built-in presets, shipped as TOML inside the binary.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("seed", include_str!("../presets/seed.toml")),
+    ("paper", include_str!("../presets/paper.toml")),
+];
+
+impl TrainConfig {
+    pub fn preset(name: &str) -> Result<Self> {
+        let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
+            bail!("unknown preset `{name}` (available: {})", names.join(", "));
+        };
+        Self::from_toml(text).with_context(|| format!("built-in preset `{name}`"))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Rejects values that would only fail later, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let check = |ok: bool, field: &str, rule: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("config field `{field}` must be {rule}"))
+            }
+        };
+        let width = self.model.backbone.width;
+        check(
+            width > 0.0 && width.is_finite(),
+            "model.backbone.width",
+            "a positive number",
+        )?;
+        check(
+            self.model.projector.hidden_dim > 0,
+            "model.projector.hidden_dim",
+            "at least 1",
+        )?;
+        check(
+            self.model.projector.output_dim > 0,
+            "model.projector.output_dim",
+            "at least 1",
+        )?;
+        check(
+            self.model.predictor.hidden_dim > 0,
+            "model.predictor.hidden_dim",
+            "at least 1",
+        )?;
+        check(
+            self.model.predictor.output_dim == self.model.projector.output_dim,
+            "model.predictor.output_dim",
+            "equal to model.projector.output_dim (the prediction regresses the target projection)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.ema.tau_base),
+            "ema.tau_base",
+            "within [0, 1]",
+        )?;
+        check(self.data.image_size >= 8, "data.image_size", "at least 8")?;
+        check(
+            self.data.batch_size >= 2,
+            "data.batch_size",
+            "at least 2 (BatchNorm needs a batch)",
+        )?;
+        check(self.train.epochs >= 1, "train.epochs", "at least 1")?;
+        check(self.knn.k >= 1, "knn.k", "at least 1")?;
+        check(self.knn.temperature > 0.0, "knn.temperature", "positive")?;
+        self.optimizer.validate()?;
+        self.data.augment.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_round_trips() {
+        for (name, _) in PRESETS {
+            let config = TrainConfig::preset(name).unwrap();
+            let back = TrainConfig::from_toml(&config.to_toml()).unwrap();
+            assert_eq!(config, back, "{name}");
+        }
+    }
+
+    #[test]
+    fn seed_preset_is_the_article_setup() {
+        let c = TrainConfig::preset("seed").unwrap();
+        assert_eq!(
+            (c.model.projector.hidden_dim, c.model.projector.batch_norm),
+            (2048, true)
+        );
+        assert_eq!(
+            (c.model.predictor.hidden_dim, c.model.predictor.batch_norm),
+            (2048, false)
+        );
+        assert_eq!(c.model.projector.output_dim, 256);
+        assert_eq!(
+            (c.ema.tau_base, c.ema.schedule),
+            (0.99, TauSchedule::Constant)
+        );
+        assert_eq!(c.optimizer.lr, 3e-4);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let text = TrainConfig::preset("seed")
+            .unwrap()
+            .to_toml()
+            .replace("[train]", "[train]\nepoks = 3");
+        let err = format!("{:#}", TrainConfig::from_toml(&text).unwrap_err());
+        assert!(err.contains("epoks"), "{err}");
+        let text = TrainConfig::preset("seed")
+            .unwrap()
+            .to_toml()
+            .replace("tau_base = 0.99", "tau_base = 1.5");
+        let err = format!("{:#}", TrainConfig::from_toml(&text).unwrap_err());
+        assert!(err.contains("ema.tau_base"), "{err}");
+        assert!(
+            TrainConfig::preset("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("seed")
+        );
+    }
+}

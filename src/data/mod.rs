@@ -1,0 +1,6 @@
+//! Images in: folders and archives, augmentations, and the two-view batch loader.
+
+pub mod archive;
+pub mod augment;
+pub mod folder;
+pub mod loader;

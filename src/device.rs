@@ -1,0 +1,54 @@
+//! Backend selection: which backends are compiled in is a cargo feature, which one runs is
+//! `--device`.
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// burn-flex, pure-Rust CPU (feature `flex`, the default).
+    Flex,
+    /// WebGPU through wgpu: Vulkan, Metal or DX12, whichever the machine has (feature `wgpu`).
+    Wgpu,
+    /// wgpu pinned to Vulkan (feature `vulkan`).
+    Vulkan,
+    /// NVIDIA CUDA (feature `cuda`).
+    Cuda,
+}
+
+impl Backend {
+    /// The first compiled-in backend, GPU ones first.
+    pub fn default_compiled() -> Backend {
+        if cfg!(feature = "cuda") {
+            Backend::Cuda
+        } else if cfg!(feature = "vulkan") {
+            Backend::Vulkan
+        } else if cfg!(feature = "wgpu") {
+            Backend::Wgpu
+        } else {
+            Backend::Flex
+        }
+    }
+
+    /// The device to train on (with autodiff).
+    pub fn training_device(self) -> Result<Device> {
+        let device = match self {
+            #[cfg(feature = "flex")]
+            Backend::Flex => Device::flex(),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => Device::wgpu(Default::default()),
+            #[cfg(feature = "vulkan")]
+            Backend::Vulkan => Device::vulkan(Default::default()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => Device::cuda(0usize),
+            #[allow(unreachable_patterns)]
+            other => {
+                let name = format!("{other:?}").to_lowercase();
+                bail!(
+                    "--device {name} is not compiled into this binary: rebuild with `--features {name}`"
+                )
+            }
+        };
+        Ok(device.autodiff())
+    }
+}

@@ -1,0 +1,182 @@
+//! k-nearest-neighbour classification of features by cosine similarity: the memory bank is the
+//! train split, the queries the test split.
+
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::l2_normalize;
+
+/// How the k neighbours vote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Vote {
+    /// InstDisc / lightly: each neighbour adds `exp(similarity / temperature)` to its class.
+    Weighted,
+    /// Plain majority (the article's scikit-learn classifier): one vote per neighbour.
+    Majority,
+}
+
+/// Top-1 and top-5 accuracy, fractions in [0, 1].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KnnAccuracy {
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// Each class's score from the neighbours' similarities and labels.
+pub fn class_scores(
+    similarities: &[f32],
+    labels: &[usize],
+    num_classes: usize,
+    vote: Vote,
+    temperature: f64,
+) -> Vec<f64> {
+    let mut scores = vec![0.0; num_classes];
+    for (&sim, &label) in similarities.iter().zip(labels) {
+        scores[label] += match vote {
+            Vote::Weighted => (sim as f64 / temperature).exp(),
+            Vote::Majority => 1.0,
+        };
+    }
+    scores
+}
+
+/// Classes from best to worst score; equal scores rank the lower class index first (as
+/// scikit-learn's majority vote does).
+pub fn rank_classes(scores: &[f64]) -> Vec<usize> {
+    let mut classes: Vec<usize> = (0..scores.len()).collect();
+    classes.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    classes
+}
+
+/// Query rows per similarity block: bounds memory to `CHUNK x bank` floats.
+const CHUNK: usize = 256;
+
+/// Classifies every row of `queries` by its `k` most cosine-similar rows of `bank`
+/// (k is capped at the bank's size) and scores the ranking against `query_labels`.
+pub fn knn_accuracy(
+    bank: Tensor<2>,
+    bank_labels: &[usize],
+    queries: Tensor<2>,
+    query_labels: &[usize],
+    num_classes: usize,
+    k: usize,
+    vote: Vote,
+    temperature: f64,
+) -> KnnAccuracy {
+    let [bank_len, _] = bank.dims();
+    let [query_len, _] = queries.dims();
+    assert_eq!(bank_len, bank_labels.len());
+    assert_eq!(query_len, query_labels.len());
+    let k = k.min(bank_len);
+    let bank_t = l2_normalize(bank).transpose();
+    let queries = l2_normalize(queries);
+    let (mut top1, mut top5) = (0usize, 0usize);
+    for start in (0..query_len).step_by(CHUNK) {
+        let end = (start + CHUNK).min(query_len);
+        let block = queries.clone().slice([start..end]);
+        let (sims, indices): (Tensor<2>, Tensor<2, Int>) =
+            block.matmul(bank_t.clone()).topk_with_indices(k, 1);
+        let sims: Vec<f32> = sims.into_data().iter::<f32>().collect();
+        let indices: Vec<usize> = indices
+            .into_data()
+            .iter::<i64>()
+            .map(|i| i as usize)
+            .collect();
+        for (row, label) in query_labels[start..end].iter().enumerate() {
+            let neighbour_labels: Vec<usize> = indices[row * k..(row + 1) * k]
+                .iter()
+                .map(|&i| bank_labels[i])
+                .collect();
+            let scores = class_scores(
+                &sims[row * k..(row + 1) * k],
+                &neighbour_labels,
+                num_classes,
+                vote,
+                temperature,
+            );
+            let ranking = rank_classes(&scores);
+            top1 += usize::from(ranking[0] == *label);
+            top5 += usize::from(ranking.iter().take(5).any(|c| c == label));
+        }
+    }
+    KnnAccuracy {
+        top1: top1 as f64 / query_len as f64,
+        top5: top5 as f64 / query_len as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn matrix(rows: &[[f32; 2]]) -> Tensor<2> {
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        Tensor::from_data(TensorData::new(flat, [rows.len(), 2]), &Device::default())
+    }
+
+    #[test]
+    fn weighted_vote_sums_exp_similarity_over_temperature() {
+        let scores = class_scores(&[0.9, 0.5, 0.4], &[1, 0, 0], 3, Vote::Weighted, 0.1);
+        assert!((scores[1] - 9f64.exp()).abs() < 1e-3 * 9f64.exp());
+        assert!((scores[0] - (5f64.exp() + 4f64.exp())).abs() < 1e-3 * 5f64.exp());
+        assert_eq!(scores[2], 0.0);
+        assert_eq!(rank_classes(&scores)[0], 1);
+        // Majority: two votes beat one closer neighbour.
+        let scores = class_scores(&[0.9, 0.5, 0.4], &[1, 0, 0], 3, Vote::Majority, 0.1);
+        assert_eq!(scores, vec![2.0, 1.0, 0.0]);
+        assert_eq!(rank_classes(&scores), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_class() {
+        assert_eq!(rank_classes(&[1.0, 2.0, 2.0, 0.0]), vec![1, 2, 0, 3]);
+    }
+
+    #[test]
+    fn toy_bank_hand_computed() {
+        // Bank: class 0 points right, class 1 points up.
+        let bank = matrix(&[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]);
+        let bank_labels = [0, 0, 1, 1];
+        let queries = matrix(&[[1.0, 0.2], [0.2, 1.0], [-1.0, 0.05]]);
+        // Third query is nearest to class 1 ([0,1] has cosine ~0.05 vs -1 for [1,0]).
+        let labels = [0, 1, 1];
+        let acc = knn_accuracy(
+            bank.clone(),
+            &bank_labels,
+            queries.clone(),
+            &labels,
+            2,
+            1,
+            Vote::Majority,
+            0.1,
+        );
+        assert_eq!(acc.top1, 1.0);
+        assert_eq!(acc.top5, 1.0);
+        // k larger than the bank uses the whole bank: majority over 2 vs 2 is a tie, class 0 wins.
+        let acc = knn_accuracy(
+            bank.clone(),
+            &bank_labels,
+            queries.clone(),
+            &labels,
+            2,
+            50,
+            Vote::Majority,
+            0.1,
+        );
+        assert!((acc.top1 - 1.0 / 3.0).abs() < 1e-12, "{acc:?}");
+        // Weighted over the whole bank still separates them by similarity.
+        let acc = knn_accuracy(
+            bank,
+            &bank_labels,
+            queries,
+            &labels,
+            2,
+            50,
+            Vote::Weighted,
+            0.1,
+        );
+        assert_eq!(acc.top1, 1.0);
+    }
+}

@@ -1,0 +1,19 @@
+//! BYOL (Bootstrap Your Own Latent, Grill et al. 2020) self-supervised training on burn.
+//!
+//! Layout: [`model`] (backbone, heads, the online/target pair), [`loss`], [`ema`], [`optim`]
+//! (optimizers, schedules), [`data`] (datasets, augmentations, loader), [`eval`] (kNN),
+//! [`train`] (the loop), [`cli`].
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod ema;
+pub mod eval;
+pub mod io;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod report;
+pub mod train;

@@ -1,0 +1,313 @@
+//! The BYOL pair: an online network trained by gradients and a target network that follows it
+//! as an exponential moving average.
+
+use super::mlp::{Mlp, MlpConfig};
+use super::resnet::{BackboneConfig, ResNet};
+use crate::ema;
+use crate::loss::symmetric_loss;
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Architecture of both networks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ByolConfig {
+    pub backbone: BackboneConfig,
+    pub projector: MlpConfig,
+    pub predictor: MlpConfig,
+}
+
+/// Backbone and projector: the part the online and target networks share in shape.
+#[derive(Module, Debug)]
+pub struct Encoder {
+    pub backbone: ResNet,
+    pub projector: Mlp,
+}
+
+impl Encoder {
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        self.projector.forward(self.backbone.forward(images))
+    }
+}
+
+/// The online ("student") network: encoder plus predictor.
+#[derive(Module, Debug)]
+pub struct OnlineNetwork {
+    pub encoder: Encoder,
+    pub predictor: Mlp,
+}
+
+/// What one training forward produces.
+pub struct ByolOutput {
+    /// The symmetric loss, a one-element tensor carrying the online network's graph.
+    pub loss: Tensor<1>,
+    /// The online projections of the first view, detached (for the collapse monitor).
+    pub online_projection: Tensor<2>,
+}
+
+/// Online and target networks, trained together.
+#[derive(Debug)]
+pub struct Byol {
+    pub online: OnlineNetwork,
+    pub target: Encoder,
+}
+
+impl ByolConfig {
+    fn init_encoder(&self, device: &Device) -> Encoder {
+        Encoder {
+            backbone: self.backbone.init(device),
+            projector: self.projector.init(self.backbone.feature_dim(), device),
+        }
+    }
+
+    /// A fresh online network and a target that starts as its exact copy.
+    pub fn init(&self, device: &Device) -> Byol {
+        let online = OnlineNetwork {
+            encoder: self.init_encoder(device),
+            predictor: self.predictor.init(self.projector.output_dim, device),
+        };
+        let target = self.target_copy(&online.encoder, device);
+        Byol { online, target }
+    }
+
+    /// An independent copy of `encoder` for the target network.
+    ///
+    /// A `clone()` would share lazily initialised parameters (so freezing the clone could
+    /// freeze the online network) and BatchNorm running statistics. Instead a new encoder is
+    /// built and the online weights are loaded into it, under new parameter ids: the copy owns
+    /// its parameters and its BatchNorm state. It stays on the autodiff device with gradients
+    /// off, so its BatchNorm layers normalise with batch statistics in training mode, as every
+    /// PyTorch reference does.
+    pub fn target_copy(&self, encoder: &Encoder, device: &Device) -> Encoder {
+        super::sync_running_stats(encoder);
+        let copy = self
+            .init_encoder(device)
+            .load_record(encoder.clone().into_record());
+        super::with_fresh_ids(copy).no_grad()
+    }
+}
+
+impl Byol {
+    /// Both views through both networks; the loss of the pair.
+    pub fn forward(&self, view1: Tensor<4>, view2: Tensor<4>) -> ByolOutput {
+        let projection1 = self.online.encoder.forward(view1.clone());
+        let projection2 = self.online.encoder.forward(view2.clone());
+        let prediction1 = self.online.predictor.forward(projection1.clone());
+        let prediction2 = self.online.predictor.forward(projection2);
+        let target1 = self.target.forward(view1).detach();
+        let target2 = self.target.forward(view2).detach();
+        ByolOutput {
+            loss: symmetric_loss(prediction1, prediction2, target1, target2),
+            online_projection: projection1.detach(),
+        }
+    }
+
+    /// Moves the target towards the online encoder by one EMA step of rate `tau`.
+    pub fn update_target(self, tau: f64, include_running_stats: bool) -> Self {
+        let target = ema::update_target(
+            self.target,
+            &self.online.encoder,
+            tau,
+            include_running_stats,
+        );
+        Byol {
+            online: self.online,
+            target,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::resnet::{Architecture, Stem};
+    use crate::optim::{OptimizerConfig, OptimizerKind, schedule::LrSchedule};
+    use burn::module::{ModuleVisitor, Param, ParamId};
+    use burn::optim::GradientsParams;
+    use burn::tensor::Distribution;
+
+    pub fn tiny_config() -> ByolConfig {
+        ByolConfig {
+            backbone: BackboneConfig {
+                architecture: Architecture::Resnet18,
+                stem: Stem::Cifar,
+                width: 0.125,
+            },
+            projector: MlpConfig {
+                hidden_dim: 16,
+                output_dim: 8,
+                batch_norm: true,
+            },
+            predictor: MlpConfig {
+                hidden_dim: 16,
+                output_dim: 8,
+                batch_norm: false,
+            },
+        }
+    }
+
+    /// Ids and flattened values of a module's trainable parameters (running statistics apart).
+    #[derive(Default)]
+    struct Params {
+        path: Vec<String>,
+        ids: Vec<ParamId>,
+        values: Vec<Vec<f32>>,
+        running: Vec<Vec<f32>>,
+    }
+
+    impl ModuleVisitor for Params {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values = param.val().into_data().try_to_vec::<f32>().unwrap();
+            if matches!(
+                self.path.last().map(String::as_str),
+                Some("running_mean" | "running_var")
+            ) {
+                self.running.push(values);
+            } else {
+                self.ids.push(param.id);
+                self.values.push(values);
+            }
+        }
+    }
+
+    fn params(module: &impl Module) -> Params {
+        crate::model::sync_running_stats(module);
+        let mut p = Params::default();
+        module.visit(&mut p);
+        p
+    }
+
+    fn views(device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let v = || Tensor::<4>::random([4, 3, 8, 8], Distribution::Normal(0.0, 1.0), device);
+        (v(), v())
+    }
+
+    fn adam() -> OptimizerConfig {
+        OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            lr: 1e-2,
+            weight_decay: 0.0,
+            warmup_epochs: 0,
+            schedule: LrSchedule::Constant,
+        }
+    }
+
+    #[test]
+    fn target_starts_as_an_independent_copy_of_the_online_encoder() {
+        let device = Device::default().autodiff();
+        let byol = tiny_config().init(&device);
+        let (online, target) = (params(&byol.online.encoder), params(&byol.target));
+        assert_eq!(online.values, target.values);
+        assert!(
+            online.ids.iter().all(|id| !target.ids.contains(id)),
+            "target shares parameter ids"
+        );
+
+        // A forward of the online network alone moves only the online BatchNorm statistics.
+        let (v1, _) = views(&device);
+        byol.online.encoder.forward(v1);
+        let (online_after, target_after) = (params(&byol.online.encoder), params(&byol.target));
+        assert_ne!(online_after.running, online.running);
+        assert_eq!(target_after.running, target.running);
+    }
+
+    #[test]
+    fn one_step_trains_every_online_parameter_and_the_target_moves_only_by_ema() {
+        let device = Device::default().autodiff();
+        let byol = tiny_config().init(&device);
+        let mut optimizer = adam().build();
+        let before_online = params(&byol.online);
+        let before_target = params(&byol.target);
+
+        let (v1, v2) = views(&device);
+        let output = byol.forward(v1, v2);
+        let mut grads = output.loss.backward();
+        // The target takes no gradient ...
+        assert_eq!(
+            GradientsParams::from_module(&mut grads, &byol.target).len(),
+            0
+        );
+        // ... and the optimizer sees every online parameter.
+        let grads = GradientsParams::from_grads(grads, &byol.online);
+        assert_eq!(grads.len(), before_online.ids.len());
+
+        let online = optimizer.step(1e-2, byol.online, grads);
+        let byol = Byol {
+            online,
+            target: byol.target,
+        };
+        let after_online = params(&byol.online);
+        for (i, (a, b)) in after_online
+            .values
+            .iter()
+            .zip(&before_online.values)
+            .enumerate()
+        {
+            assert_ne!(a, b, "online parameter {i} did not change");
+        }
+        assert_eq!(
+            params(&byol.target).values,
+            before_target.values,
+            "target changed without EMA"
+        );
+
+        let tau = 0.9;
+        let byol = byol.update_target(tau, false);
+        let online_encoder = params(&byol.online.encoder);
+        let after_target = params(&byol.target);
+        for ((t, t0), o) in after_target
+            .values
+            .iter()
+            .zip(&before_target.values)
+            .zip(&online_encoder.values)
+        {
+            for ((t, t0), o) in t.iter().zip(t0).zip(o) {
+                let want = (tau * *t0 as f64 + (1.0 - tau) * *o as f64) as f32;
+                assert!(
+                    (t - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{t} vs {want}"
+                );
+            }
+        }
+        // Still no gradient flows into the target after the update.
+        let (v1, v2) = views(&device);
+        let mut grads = byol.forward(v1, v2).loss.backward();
+        assert_eq!(
+            GradientsParams::from_module(&mut grads, &byol.target).len(),
+            0
+        );
+    }
+
+    #[test]
+    fn target_normalises_with_batch_statistics_during_training() {
+        let device = Device::default().autodiff();
+        let byol = tiny_config().init(&device);
+        // Batch statistics make every channel's output mean zero over the batch; the fresh
+        // running statistics (mean 0, var 1) would leave the convolution's mean in place.
+        let (v1, _) = views(&device);
+        let a = byol
+            .target
+            .backbone
+            .bn1
+            .forward(byol.target.backbone.conv1.forward(v1.clone()));
+        let mean = a
+            .clone()
+            .mean_dim(0)
+            .mean_dim(2)
+            .mean_dim(3)
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(
+            mean < 1e-4,
+            "target BatchNorm did not use batch statistics (channel mean {mean})"
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! Networks: the ResNet backbone, the MLP heads and the BYOL online/target pair.
+
+pub mod byol;
+pub mod mlp;
+pub mod resnet;
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::tensor::Tensor;
+
+/// Folds pending BatchNorm running-statistic updates into the stored values.
+///
+/// burn's `RunningState` keeps each forward's update pending until the next forward reads it,
+/// and traversals (records, EMA) see only the stored value. `valid()` syncs every running state
+/// in place as a side effect; the validation copy it returns is dropped.
+pub fn sync_running_stats(module: &impl Module) {
+    let _ = module.valid();
+}
+
+/// Gives every parameter a new id, keeping its value and training state: a loaded copy of a
+/// module otherwise carries the ids of the module it came from, and optimizers and gradients
+/// are keyed by id.
+pub fn with_fresh_ids<M: Module>(module: M) -> M {
+    struct FreshIds;
+    impl ModuleMapper for FreshIds {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (_, value, mapper) = param.consume();
+            Param::from_mapped_value(ParamId::new(), value, mapper)
+        }
+    }
+    module.map(&mut FreshIds)
+}
