@@ -62,3 +62,39 @@ pub fn load(dir: &Path, config: &ByolConfig, device: &Device) -> Result<(Byol, T
     let target: Encoder = load_module(fresh.target, &dir.join(TARGET))?.no_grad();
     Ok((Byol { online, target }, state))
 }
+
+/// A finished or running training run, opened for evaluation.
+pub struct OpenedRun {
+    pub config: crate::config::TrainConfig,
+    pub byol: Byol,
+    pub state: TrainingState,
+}
+
+/// Opens `path`: a run directory (with `config.toml` and `checkpoints/last/`) or a checkpoint
+/// directory inside one.
+pub fn open_run(path: &Path, device: &Device) -> Result<OpenedRun> {
+    let (config_path, checkpoint_dir) = if path.join("config.toml").is_file() {
+        (
+            path.join("config.toml"),
+            path.join("checkpoints").join("last"),
+        )
+    } else if path.join(STATE).is_file() {
+        let run = path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        (run.join("config.toml"), path.to_path_buf())
+    } else {
+        anyhow::bail!(
+            "{} is neither a run directory (config.toml, checkpoints/last/) nor a checkpoint directory (state.json)",
+            path.display()
+        );
+    };
+    let config = crate::config::TrainConfig::load(&config_path)?;
+    let (byol, state) = load(&checkpoint_dir, &config.model, device)?;
+    Ok(OpenedRun {
+        config,
+        byol,
+        state,
+    })
+}

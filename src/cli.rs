@@ -1,8 +1,12 @@
 //! The `byol` command line.
 
+use crate::checkpoint::open_run;
 use crate::config::{PRESETS, TrainConfig};
+use crate::data::archive::resolve_data_dir;
+use crate::data::folder::{find_root, load_split};
 use crate::device::Backend;
 use crate::eval::knn::Vote;
+use crate::eval::{Features, knn_cross_validated, knn_train_test};
 use crate::model::resnet::{Architecture, Stem};
 use crate::optim::OptimizerKind;
 use crate::train::{RunOptions, train};
@@ -26,9 +30,49 @@ pub struct Cli {
 pub enum Command {
     /// Pretrain a ResNet with BYOL on an image folder, monitoring kNN accuracy.
     Train(TrainArgs),
+    /// Evaluate a trained encoder.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Inspect the built-in presets.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// kNN accuracy of a checkpoint's features (cosine similarity, top-1 and top-5).
+    Knn(KnnArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KnnProtocol {
+    /// Train split as memory bank, test split as queries.
+    Split,
+    /// The article's: stratified 5-fold cross-validation on the test split.
+    Cv5,
+}
+
+#[derive(Args, Debug)]
+pub struct KnnArgs {
+    /// A run directory, or a checkpoint directory inside one.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Image folder (or .tar.gz) with train/ and test/.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Neighbours; a list evaluates every k from one embedding pass.
+    #[arg(long, value_delimiter = ',', default_value = "200")]
+    pub k: Vec<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature: f64,
+    #[arg(long, value_enum, default_value = "weighted")]
+    pub vote: Vote,
+    #[arg(long, value_enum, default_value = "backbone")]
+    pub features: Features,
+    #[arg(long, value_enum, default_value = "split")]
+    pub protocol: KnnProtocol,
+    #[arg(long, value_enum)]
+    pub device: Option<Backend>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +212,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Eval(EvalCommand::Knn(args)) => eval_knn(&args),
         Command::Config(ConfigCommand::Show { preset }) => {
             print!("{}", TrainConfig::preset(&preset)?.to_toml());
             Ok(())
@@ -180,4 +225,66 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn eval_knn(args: &KnnArgs) -> Result<()> {
+    if args.temperature <= 0.0 {
+        anyhow::bail!("--temperature must be positive, got {}", args.temperature);
+    }
+    if args.k.contains(&0) {
+        anyhow::bail!("--k values must be at least 1");
+    }
+    let backend = args.device.unwrap_or_else(Backend::default_compiled);
+    let run = open_run(&args.checkpoint, &backend.training_device()?)?;
+    let root = find_root(&resolve_data_dir(&args.data)?)?;
+    let size = run.config.data.image_size;
+    let test = load_split(&root, "test", size)?;
+    let encoder = &run.byol.online.encoder;
+    let accuracies = match args.protocol {
+        KnnProtocol::Split => {
+            let train = load_split(&root, "train", size)?;
+            knn_train_test(
+                encoder,
+                &train,
+                &test,
+                args.features,
+                &args.k,
+                args.vote,
+                args.temperature,
+            )
+        }
+        KnnProtocol::Cv5 => knn_cross_validated(
+            encoder,
+            &test,
+            5,
+            args.features,
+            &args.k,
+            args.vote,
+            args.temperature,
+        ),
+    };
+    eprintln!(
+        "kNN ({:?}, {:?} vote, {:?} features) of epoch {}:",
+        args.protocol, args.vote, args.features, run.state.epoch
+    );
+    eprintln!("{:>6} {:>8} {:>8}", "k", "top-1 %", "top-5 %");
+    for (k, acc) in args.k.iter().zip(&accuracies) {
+        eprintln!("{k:>6} {:>8.2} {:>8.2}", 100.0 * acc.top1, 100.0 * acc.top5);
+    }
+    let results: Vec<_> = args
+        .k
+        .iter()
+        .zip(&accuracies)
+        .map(|(k, a)| serde_json::json!({"k": k, "top1": a.top1, "top5": a.top5}))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "top1": accuracies[0].top1, "top5": accuracies[0].top5, "k": args.k[0],
+            "vote": args.vote, "temperature": args.temperature, "features": args.features,
+            "protocol": format!("{:?}", args.protocol).to_lowercase(), "epoch": run.state.epoch,
+            "results": results,
+        })
+    );
+    Ok(())
 }

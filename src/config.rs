@@ -64,6 +64,7 @@ pub struct KnnConfig {
 pub const PRESETS: &[(&str, &str)] = &[
     ("seed", include_str!("../presets/seed.toml")),
     ("paper", include_str!("../presets/paper.toml")),
+    ("cifar10", include_str!("../presets/cifar10.toml")),
 ];
 
 impl TrainConfig {
@@ -176,6 +177,45 @@ mod tests {
             (0.99, TauSchedule::Constant)
         );
         assert_eq!(c.optimizer.lr, 3e-4);
+    }
+
+    #[test]
+    fn paper_and_cifar10_presets_are_lars_recipes() {
+        let paper = TrainConfig::preset("paper").unwrap();
+        assert_eq!(paper.optimizer.kind, crate::optim::OptimizerKind::Lars);
+        assert_eq!(paper.optimizer.base_lr(512), 0.4);
+        assert_eq!(
+            (paper.ema.tau_base, paper.ema.schedule),
+            (0.996, TauSchedule::Cosine)
+        );
+        assert_eq!(
+            (
+                paper.model.predictor.hidden_dim,
+                paper.model.predictor.batch_norm
+            ),
+            (4096, true)
+        );
+        let cifar = TrainConfig::preset("cifar10").unwrap();
+        assert_eq!(
+            (
+                cifar.optimizer.lr,
+                cifar.optimizer.eta,
+                cifar.optimizer.weight_decay
+            ),
+            (1.0, 0.02, 1e-5)
+        );
+        assert!(cifar.optimizer.clip_lr && cifar.optimizer.scale_lr_by_batch);
+        assert_eq!(
+            cifar.data.augment.view1.blur_p + cifar.data.augment.view2.blur_p,
+            0.0
+        );
+        assert_eq!(
+            (
+                cifar.data.augment.view1.solarize_p,
+                cifar.data.augment.view2.solarize_p
+            ),
+            (0.0, 0.2)
+        );
     }
 
     #[test]

@@ -192,7 +192,9 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<Vec<EpochMetr
         let bar = progress_bar(options.progress, loader.batches, epoch, config.train.epochs);
         let (mut loss_sum, mut lr, mut tau, mut last_projection) = (0.0, 0.0, 0.0, None);
         for batch in loader {
-            lr = config.optimizer.lr_at(step, steps_per_epoch, total_steps);
+            lr = config
+                .optimizer
+                .lr_at(batch_size, step, steps_per_epoch, total_steps);
             tau = tau_at(config.ema.schedule, config.ema.tau_base, step, total_steps);
             let TwoViewBatch {
                 view1,

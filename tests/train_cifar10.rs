@@ -118,6 +118,33 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
     let (first, last) = (rows[1].loss.unwrap(), rows[2].loss.unwrap());
     assert!(last < first, "loss did not fall: {first} -> {last}");
 
+    // `byol eval knn` on the checkpoint reproduces the monitor's last measurement, and takes
+    // several k and the article's cross-validated protocol.
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_byol"))
+            .args(["eval", "knn", "--checkpoint"])
+            .arg(&out)
+            .arg("--data")
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let same = eval(&[]);
+    assert_eq!(same["top1"].as_f64(), rows[2].knn_top1);
+    assert_eq!(same["top5"].as_f64(), rows[2].knn_top5);
+    let many = eval(&["--k", "1,20", "--vote", "majority"]);
+    assert_eq!(many["results"].as_array().unwrap().len(), 2);
+    let cv = eval(&["--protocol", "cv5", "--k", "1"]);
+    assert!((0.0..=1.0).contains(&cv["top1"].as_f64().unwrap()));
+
     // The same --out again is refused rather than overwritten.
     let again = Command::new(env!("CARGO_BIN_EXE_byol"))
         .args(["train", "--data"])

@@ -52,8 +52,66 @@ pub fn rank_classes(scores: &[f64]) -> Vec<usize> {
 /// Query rows per similarity block: bounds memory to `CHUNK x bank` floats.
 const CHUNK: usize = 256;
 
-/// Classifies every row of `queries` by its `k` most cosine-similar rows of `bank`
-/// (k is capped at the bank's size) and scores the ranking against `query_labels`.
+/// Classifies every row of `queries` by its `k` most cosine-similar rows of `bank`, for each
+/// `k` in `ks` from one similarity pass (each k is capped at the bank's size), and scores the
+/// rankings against `query_labels`.
+#[allow(clippy::too_many_arguments)]
+pub fn knn_accuracies(
+    bank: Tensor<2>,
+    bank_labels: &[usize],
+    queries: Tensor<2>,
+    query_labels: &[usize],
+    num_classes: usize,
+    ks: &[usize],
+    vote: Vote,
+    temperature: f64,
+) -> Vec<KnnAccuracy> {
+    let [bank_len, _] = bank.dims();
+    let [query_len, _] = queries.dims();
+    assert_eq!(bank_len, bank_labels.len());
+    assert_eq!(query_len, query_labels.len());
+    let ks: Vec<usize> = ks.iter().map(|&k| k.clamp(1, bank_len)).collect();
+    let k_max = ks.iter().copied().max().unwrap_or(1);
+    let bank_t = l2_normalize(bank).transpose();
+    let queries = l2_normalize(queries);
+    let mut hits = vec![(0usize, 0usize); ks.len()];
+    for start in (0..query_len).step_by(CHUNK) {
+        let end = (start + CHUNK).min(query_len);
+        let block = queries.clone().slice([start..end]);
+        let (sims, indices): (Tensor<2>, Tensor<2, Int>) =
+            block.matmul(bank_t.clone()).topk_with_indices(k_max, 1);
+        let sims: Vec<f32> = sims.into_data().iter::<f32>().collect();
+        let indices: Vec<usize> = indices
+            .into_data()
+            .iter::<i64>()
+            .map(|i| i as usize)
+            .collect();
+        for (row, label) in query_labels[start..end].iter().enumerate() {
+            let neighbours = row * k_max..(row + 1) * k_max;
+            let labels: Vec<usize> = indices[neighbours.clone()]
+                .iter()
+                .map(|&i| bank_labels[i])
+                .collect();
+            let sims = &sims[neighbours];
+            for (&k, hit) in ks.iter().zip(hits.iter_mut()) {
+                let scores = class_scores(&sims[..k], &labels[..k], num_classes, vote, temperature);
+                let ranking = rank_classes(&scores);
+                hit.0 += usize::from(ranking[0] == *label);
+                hit.1 += usize::from(ranking.iter().take(5).any(|c| c == label));
+            }
+        }
+    }
+    let n = query_len as f64;
+    hits.iter()
+        .map(|&(t1, t5)| KnnAccuracy {
+            top1: t1 as f64 / n,
+            top5: t5 as f64 / n,
+        })
+        .collect()
+}
+
+/// [`knn_accuracies`] for a single `k`.
+#[allow(clippy::too_many_arguments)]
 pub fn knn_accuracy(
     bank: Tensor<2>,
     bank_labels: &[usize],
@@ -64,46 +122,16 @@ pub fn knn_accuracy(
     vote: Vote,
     temperature: f64,
 ) -> KnnAccuracy {
-    let [bank_len, _] = bank.dims();
-    let [query_len, _] = queries.dims();
-    assert_eq!(bank_len, bank_labels.len());
-    assert_eq!(query_len, query_labels.len());
-    let k = k.min(bank_len);
-    let bank_t = l2_normalize(bank).transpose();
-    let queries = l2_normalize(queries);
-    let (mut top1, mut top5) = (0usize, 0usize);
-    for start in (0..query_len).step_by(CHUNK) {
-        let end = (start + CHUNK).min(query_len);
-        let block = queries.clone().slice([start..end]);
-        let (sims, indices): (Tensor<2>, Tensor<2, Int>) =
-            block.matmul(bank_t.clone()).topk_with_indices(k, 1);
-        let sims: Vec<f32> = sims.into_data().iter::<f32>().collect();
-        let indices: Vec<usize> = indices
-            .into_data()
-            .iter::<i64>()
-            .map(|i| i as usize)
-            .collect();
-        for (row, label) in query_labels[start..end].iter().enumerate() {
-            let neighbour_labels: Vec<usize> = indices[row * k..(row + 1) * k]
-                .iter()
-                .map(|&i| bank_labels[i])
-                .collect();
-            let scores = class_scores(
-                &sims[row * k..(row + 1) * k],
-                &neighbour_labels,
-                num_classes,
-                vote,
-                temperature,
-            );
-            let ranking = rank_classes(&scores);
-            top1 += usize::from(ranking[0] == *label);
-            top5 += usize::from(ranking.iter().take(5).any(|c| c == label));
-        }
-    }
-    KnnAccuracy {
-        top1: top1 as f64 / query_len as f64,
-        top5: top5 as f64 / query_len as f64,
-    }
+    knn_accuracies(
+        bank,
+        bank_labels,
+        queries,
+        query_labels,
+        num_classes,
+        &[k],
+        vote,
+        temperature,
+    )[0]
 }
 
 #[cfg(test)]

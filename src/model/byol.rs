@@ -196,6 +196,11 @@ mod tests {
             weight_decay: 0.0,
             warmup_epochs: 0,
             schedule: LrSchedule::Constant,
+            scale_lr_by_batch: false,
+            momentum: 0.9,
+            eta: 1e-3,
+            clip_lr: false,
+            exclude_bias_and_norm: true,
         }
     }
 
