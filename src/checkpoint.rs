@@ -4,20 +4,33 @@ use crate::io::write_atomic;
 use crate::model::byol::{Byol, ByolConfig, Encoder, OnlineNetwork};
 use anyhow::{Context, Result};
 use burn::module::Module;
+use burn::optim::ModuleOptimizer;
 use burn::store::ModuleRecord;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const ONLINE: &str = "online.bpk";
 const TARGET: &str = "target.bpk";
+const OPTIMIZER: &str = "optimizer.bpk";
 const STATE: &str = "state.json";
 
-/// Where training stood when the checkpoint was written.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Where training stood when the checkpoint was written. With the weights and the optimizer
+/// state this is all a resumed run needs: data order and augmentations are functions of
+/// (seed, epoch, position), learning rate and tau functions of the step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainingState {
+    /// Epochs completed.
     pub epoch: usize,
+    /// Optimizer steps taken.
     pub step: usize,
+    /// Batches done of the unfinished epoch `epoch + 1` (a checkpoint taken on Ctrl-C).
+    pub batch_in_epoch: usize,
+    /// Sums over those batches, for that epoch's means.
+    pub loss_sum: f64,
+    pub projection_std_sum: f64,
+    /// Consecutive finished epochs under the collapse threshold.
+    pub low_std_epochs: usize,
 }
 
 fn save_module(module: &impl Module, path: &Path) -> Result<()> {
@@ -38,26 +51,77 @@ fn load_module<M: Module>(module: M, path: &Path) -> Result<M> {
         .map_err(|e| anyhow::anyhow!("checkpoint {} does not fit this model: {e}", path.display()))
 }
 
-/// Writes `dir/{online.bpk,target.bpk,state.json}`, each file atomically; the state file goes
-/// last, so a checkpoint whose state names an epoch has that epoch's weights.
-pub fn save(dir: &Path, byol: &Byol, state: &TrainingState) -> Result<()> {
-    save_module(&byol.online, &dir.join(ONLINE))?;
-    save_module(&byol.target, &dir.join(TARGET))?;
+/// Writes `dir/{online,target,optimizer}.bpk` and `dir/state.json`.
+///
+/// The files are written to a sibling folder which then replaces `dir` in two renames, so a
+/// crash leaves either the old checkpoint or the new one (at worst under `dir.old`, which
+/// [`load`] falls back to).
+pub fn save(
+    dir: &Path,
+    byol: &Byol,
+    optimizer: &ModuleOptimizer,
+    state: &TrainingState,
+) -> Result<()> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
+    let staging = dir.with_file_name(format!(".{name}.new"));
+    let old = dir.with_file_name(format!("{name}.old"));
+    let _ = std::fs::remove_dir_all(&staging);
+    save_module(&byol.online, &staging.join(ONLINE))?;
+    save_module(&byol.target, &staging.join(TARGET))?;
+    let optimizer_bytes = optimizer
+        .into_bytes()
+        .map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e}"))?;
+    write_atomic(&staging.join(OPTIMIZER), &optimizer_bytes)?;
     write_atomic(
-        &dir.join(STATE),
+        &staging.join(STATE),
         serde_json::to_string_pretty(state)?.as_bytes(),
-    )
+    )?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("cannot move {} aside", dir.display()))?;
+    }
+    std::fs::rename(&staging, dir)
+        .with_context(|| format!("cannot move the new checkpoint to {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// `dir`, or the previous checkpoint left at `dir.old` by a save that died between its renames.
+fn existing(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
+    let old = dir.with_file_name(format!("{name}.old"));
+    if !dir.join(STATE).is_file() && old.join(STATE).is_file() {
+        old
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The optimizer state saved beside the weights, loaded into `optimizer`.
+pub fn load_optimizer(dir: &Path, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
+    let path = existing(dir).join(OPTIMIZER);
+    optimizer
+        .load(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read optimizer state {}: {e}", path.display()))
 }
 
 /// Loads a checkpoint written by [`save`] into networks built from `config`.
 pub fn load(dir: &Path, config: &ByolConfig, device: &Device) -> Result<(Byol, TrainingState)> {
+    let dir = &existing(dir);
     let state_path = dir.join(STATE);
     let state: TrainingState = serde_json::from_str(
         &std::fs::read_to_string(&state_path)
             .with_context(|| format!("cannot read {}", state_path.display()))?,
     )
     .with_context(|| format!("invalid {}", state_path.display()))?;
-    let fresh = config.init(device);
+    let fresh = config.init(device, 0);
     let online: OnlineNetwork = load_module(fresh.online, &dir.join(ONLINE))?;
     let target: Encoder = load_module(fresh.target, &dir.join(TARGET))?.no_grad();
     Ok((Byol { online, target }, state))

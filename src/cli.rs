@@ -10,10 +10,12 @@ use crate::eval::{Features, knn_cross_validated, knn_train_test};
 use crate::model::resnet::{Architecture, Stem};
 use crate::optim::OptimizerKind;
 use crate::train::{RunOptions, train};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,7 +31,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pretrain a ResNet with BYOL on an image folder, monitoring kNN accuracy.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a trained encoder.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -96,8 +98,12 @@ pub struct TrainArgs {
     #[arg(long, default_value = "runs/byol")]
     pub out: PathBuf,
     /// Replace an earlier run's results in --out.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Continue the run in --out from its last checkpoint, with its config.toml (only
+    /// --epochs may change, to extend it).
+    #[arg(long)]
+    pub resume: bool,
     /// Built-in recipe to start from (see `byol config list`).
     #[arg(long, default_value = "seed")]
     pub preset: String,
@@ -154,6 +160,16 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// Preset or config file, then the flags on top.
     pub fn resolve_config(&self) -> Result<TrainConfig> {
+        if self.resume {
+            let mut c = TrainConfig::load(&self.out.join("config.toml")).with_context(|| {
+                format!("--resume: {} is not a run directory", self.out.display())
+            })?;
+            if let Some(epochs) = self.epochs {
+                c.train.epochs = epochs;
+            }
+            c.validate()?;
+            return Ok(c);
+        }
         let mut c = match &self.config {
             Some(path) => TrainConfig::load(path)?,
             None => TrainConfig::preset(&self.preset)?,
@@ -194,14 +210,28 @@ pub fn run(cli: Cli) -> Result<()> {
                 out: args.out.clone(),
                 device: backend.training_device()?,
                 overwrite: args.overwrite,
+                resume: args.resume,
                 progress: !args.quiet && std::io::stderr().is_terminal(),
+                stop: Arc::new(AtomicBool::new(false)),
             };
+            let stop = options.stop.clone();
+            // First Ctrl-C: finish the step, checkpoint, exit. A second one kills.
+            ctrlc::set_handler(move || {
+                if stop.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\ninterrupt: stopping after this step (Ctrl-C again to kill)");
+            })
+            .context("cannot install the Ctrl-C handler")?;
             tracing::info!(
                 "training on {backend:?}; run directory {}",
                 options.out.display()
             );
-            let rows = train(&config, &options)?;
-            if let Some(last) = rows.iter().rev().find(|r| r.knn_top1.is_some()) {
+            let result = train(&config, &options)?;
+            if result.interrupted {
+                std::process::exit(130);
+            }
+            if let Some(last) = result.rows.iter().rev().find(|r| r.knn_top1.is_some()) {
                 println!(
                     "{}",
                     serde_json::json!({

@@ -48,6 +48,29 @@ pub struct DataConfig {
 pub struct LoopConfig {
     pub epochs: usize,
     pub seed: u64,
+    /// Also keep a snapshot `checkpoints/epoch-NNNN` every this many epochs (0: only `last`).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// How many of those snapshots to keep, newest first.
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    /// Collapse guard: stop when `projection_std * sqrt(dim)` (1 for a healthy spread, 0 when
+    /// every image maps to one point) stays under this for `collapse_patience` epochs.
+    #[serde(default = "default_collapse_threshold")]
+    pub collapse_threshold: f64,
+    /// Epochs under the threshold before stopping; 0 turns the guard off.
+    #[serde(default = "default_collapse_patience")]
+    pub collapse_patience: usize,
+}
+
+fn default_keep() -> usize {
+    3
+}
+fn default_collapse_threshold() -> f64 {
+    0.05
+}
+fn default_collapse_patience() -> usize {
+    3
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -72,13 +72,11 @@ fn font_available() -> bool {
     })
 }
 
+/// A named, coloured line of (epoch, value) points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 /// A line chart of `series` (name, colour, points) to a PNG, written atomically.
-fn line_chart(
-    path: &Path,
-    title: &str,
-    y_label: &str,
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
-) -> Result<()> {
+fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
     let points: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|(_, _, p)| p.iter().copied())

@@ -5,20 +5,21 @@ use crate::checkpoint::{self, TrainingState};
 use crate::config::TrainConfig;
 use crate::data::archive::resolve_data_dir;
 use crate::data::folder::{Dataset, find_root, load_split};
-use crate::data::loader::{EpochLoader, TwoViewBatch};
+use crate::data::loader::{EpochLoader, EpochSpec, TwoViewBatch};
 use crate::ema::tau_at;
 use crate::eval::embed;
 use crate::eval::knn::{KnnAccuracy, knn_accuracy};
 use crate::io::{peak_rss_mib, write_atomic};
 use crate::loss::l2_normalize;
 use crate::model::byol::Byol;
-use crate::report::{EpochMetrics, plot_knn, plot_loss, write_metrics};
+use crate::report::{EpochMetrics, plot_knn, plot_loss, read_metrics, write_metrics};
 use anyhow::{Context, Result, bail};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Where a run reads and writes, and how it reports.
@@ -29,7 +30,19 @@ pub struct RunOptions {
     pub device: Device,
     /// Replace the results of an earlier run in `out`.
     pub overwrite: bool,
+    /// Continue the run in `out` from its last checkpoint.
+    pub resume: bool,
     pub progress: bool,
+    /// Set (by Ctrl-C) to finish the current step, checkpoint and return.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What a run produced.
+pub struct RunResult {
+    /// One row per finished epoch, epoch 0 first.
+    pub rows: Vec<EpochMetrics>,
+    /// The run stopped on request before its last epoch (resumable).
+    pub interrupted: bool,
 }
 
 /// The data of a run: training images and, when kNN is on, the test split.
@@ -106,10 +119,21 @@ fn to_tensor(values: Vec<f32>, batch_size: usize, size: usize, device: &Device) 
 }
 
 /// Refuses to mix a new run into an earlier one's files unless asked to.
-fn prepare_run_dir(out: &Path, overwrite: bool) -> Result<()> {
+fn prepare_run_dir(out: &Path, overwrite: bool, resume: bool) -> Result<()> {
+    if resume {
+        if !out.join("checkpoints").join("last").exists()
+            && !out.join("checkpoints").join("last.old").exists()
+        {
+            bail!(
+                "--resume: {} has no checkpoint (checkpoints/last)",
+                out.display()
+            );
+        }
+        return Ok(());
+    }
     if out.join("metrics.jsonl").exists() && !overwrite {
         bail!(
-            "{} already holds a run (metrics.jsonl): choose another --out or pass --overwrite",
+            "{} already holds a run (metrics.jsonl): choose another --out, pass --overwrite, or --resume it",
             out.display()
         );
     }
@@ -131,10 +155,28 @@ fn progress_bar(show: bool, len: usize, epoch: usize, epochs: usize) -> Progress
     bar
 }
 
-/// Trains BYOL as `config` says and returns the per-epoch metrics (also in `out/metrics.jsonl`).
-pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<Vec<EpochMetrics>> {
+/// Keeps the newest `keep` of the `epoch-NNNN` snapshots in `dir`.
+fn prune_snapshots(dir: &Path, keep: usize) -> Result<()> {
+    let mut snapshots: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("epoch-"))
+        })
+        .collect();
+    snapshots.sort();
+    for old in snapshots.iter().rev().skip(keep) {
+        std::fs::remove_dir_all(old)
+            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// Trains BYOL as `config` says, writing the run into `options.out`.
+pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
     config.validate()?;
-    prepare_run_dir(&options.out, options.overwrite)?;
+    prepare_run_dir(&options.out, options.overwrite, options.resume)?;
     write_atomic(
         &options.out.join("config.toml"),
         config.to_toml().as_bytes(),
@@ -148,82 +190,127 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<Vec<EpochMetr
             data.train.len()
         );
     }
-    let total_steps = steps_per_epoch * config.train.epochs;
-
+    let epochs = config.train.epochs;
+    let total_steps = steps_per_epoch * epochs;
     let device = &options.device;
-    device.seed(config.train.seed);
-    let mut byol = config.model.init(device);
-    let mut optimizer = config.optimizer.build();
     let metrics_path = options.out.join("metrics.jsonl");
-    let checkpoint_dir = options.out.join("checkpoints").join("last");
+    let checkpoints = options.out.join("checkpoints");
+    let last = checkpoints.join("last");
+
+    let (mut byol, mut optimizer, mut state, mut rows) = if options.resume {
+        let (byol, state) = checkpoint::load(&last, &config.model, device)?;
+        let optimizer = checkpoint::load_optimizer(&last, config.optimizer.build())?;
+        let mut rows = read_metrics(&metrics_path)?;
+        rows.retain(|r| r.epoch <= state.epoch);
+        tracing::info!(
+            "resuming after epoch {} (step {}, batch {} of the next epoch)",
+            state.epoch,
+            state.step,
+            state.batch_in_epoch
+        );
+        (byol, optimizer, state, rows)
+    } else {
+        let byol = config.model.init(device, config.train.seed);
+        let baseline = monitor_knn(&byol, config, &data);
+        if let Some(acc) = baseline {
+            tracing::info!(
+                "epoch 0 (random weights): kNN top-1 {:.2}% top-5 {:.2}%",
+                100.0 * acc.top1,
+                100.0 * acc.top5
+            );
+        }
+        let row = EpochMetrics {
+            knn_top1: baseline.map(|a| a.top1),
+            knn_top5: baseline.map(|a| a.top5),
+            peak_rss_mib: peak_rss_mib(),
+            ..Default::default()
+        };
+        write_metrics(&metrics_path, std::slice::from_ref(&row))?;
+        (
+            byol,
+            config.optimizer.build(),
+            TrainingState::default(),
+            vec![row],
+        )
+    };
+    if state.epoch >= epochs {
+        tracing::info!("the run already has its {epochs} epochs (pass --epochs to extend it)");
+        return Ok(RunResult {
+            rows,
+            interrupted: false,
+        });
+    }
 
     let knn_due = |epoch: usize| {
-        config.knn.every > 0 && (epoch % config.knn.every == 0 || epoch == config.train.epochs)
+        config.knn.every > 0 && (epoch.is_multiple_of(config.knn.every) || epoch == epochs)
     };
-    let mut rows = Vec::with_capacity(config.train.epochs + 1);
-    let baseline = monitor_knn(&byol, config, &data);
-    if let Some(acc) = baseline {
-        tracing::info!(
-            "epoch 0 (random weights): kNN top-1 {:.2}% top-5 {:.2}%",
-            100.0 * acc.top1,
-            100.0 * acc.top5
-        );
-    }
-    rows.push(EpochMetrics {
-        knn_top1: baseline.map(|a| a.top1),
-        knn_top5: baseline.map(|a| a.top5),
-        peak_rss_mib: peak_rss_mib(),
-        ..Default::default()
-    });
-    write_metrics(&metrics_path, &rows)?;
-
-    let mut step = 0;
-    for epoch in 1..=config.train.epochs {
+    let projection_dim = config.model.projector.output_dim as f64;
+    for epoch in state.epoch + 1..=epochs {
         let started = Instant::now();
-        let loader = EpochLoader::start(
-            data.train.clone(),
-            config.data.augment.clone(),
+        let spec = EpochSpec {
             batch_size,
-            config.train.seed,
+            seed: config.train.seed,
             epoch,
-            config.data.workers,
-            2,
-        );
-        let bar = progress_bar(options.progress, loader.batches, epoch, config.train.epochs);
-        let (mut loss_sum, mut lr, mut tau, mut last_projection) = (0.0, 0.0, 0.0, None);
+            first_batch: state.batch_in_epoch,
+            workers: config.data.workers,
+            prefetch: 2,
+        };
+        let loader = EpochLoader::start(data.train.clone(), config.data.augment.clone(), spec);
+        let bar = progress_bar(options.progress, steps_per_epoch, epoch, epochs);
+        bar.set_position(state.batch_in_epoch as u64);
+        let (mut lr, mut tau, mut timed_batches) = (0.0, 0.0, 0usize);
         for batch in loader {
             lr = config
                 .optimizer
-                .lr_at(batch_size, step, steps_per_epoch, total_steps);
-            tau = tau_at(config.ema.schedule, config.ema.tau_base, step, total_steps);
+                .lr_at(batch_size, state.step, steps_per_epoch, total_steps);
+            tau = tau_at(
+                config.ema.schedule,
+                config.ema.tau_base,
+                state.step,
+                total_steps,
+            );
             let TwoViewBatch {
                 view1,
                 view2,
                 batch_size: n,
                 size,
             } = batch;
-            let view1 = to_tensor(view1, n, size, device);
-            let view2 = to_tensor(view2, n, size, device);
-            let output = byol.forward(view1, view2);
+            let output = byol.forward(
+                to_tensor(view1, n, size, device),
+                to_tensor(view2, n, size, device),
+            );
             let loss = output.loss.clone().into_scalar::<f32>() as f64;
             if !loss.is_finite() {
                 bail!(
-                    "the loss became {loss} at epoch {epoch}, step {step}: stopping (the last good checkpoint is in {}); try a lower learning rate",
-                    checkpoint_dir.display()
+                    "the loss became {loss} at epoch {epoch}, step {}: stopping; the last good checkpoint is in {} (try a lower --lr)",
+                    state.step,
+                    last.display()
                 );
             }
             let grads = GradientsParams::from_grads(output.loss.backward(), &byol.online);
             byol.online = optimizer.step(lr, byol.online, grads);
             byol = byol.update_target(tau, config.ema.average_bn_stats);
-            last_projection = Some(output.online_projection);
-            loss_sum += loss;
-            step += 1;
+            state.loss_sum += loss;
+            state.projection_std_sum += projection_std(output.online_projection);
+            state.step += 1;
+            state.batch_in_epoch += 1;
+            timed_batches += 1;
             bar.inc(1);
-            let seconds = started.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "loss {loss:.4} | {:.1} img/s",
-                bar.position() as f64 * batch_size as f64 / seconds
-            ));
+            let rate = (timed_batches * batch_size) as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!("loss {loss:.4} | {rate:.1} img/s"));
+            if options.stop.load(Ordering::Relaxed) && state.batch_in_epoch < steps_per_epoch {
+                bar.finish_and_clear();
+                checkpoint::save(&last, &byol, &optimizer, &state)?;
+                tracing::warn!(
+                    "stopped at epoch {epoch}, batch {}/{steps_per_epoch}; continue with `byol train --resume --out {}`",
+                    state.batch_in_epoch,
+                    options.out.display()
+                );
+                return Ok(RunResult {
+                    rows,
+                    interrupted: true,
+                });
+            }
         }
         bar.finish_and_clear();
         let epoch_seconds = started.elapsed().as_secs_f64();
@@ -232,23 +319,30 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<Vec<EpochMetr
         } else {
             None
         };
+        let std = state.projection_std_sum / steps_per_epoch as f64;
+        let collapsed = std * projection_dim.sqrt() < config.train.collapse_threshold;
+        state.low_std_epochs = if collapsed {
+            state.low_std_epochs + 1
+        } else {
+            0
+        };
         let row = EpochMetrics {
             epoch,
-            step,
-            loss: Some(loss_sum / steps_per_epoch as f64),
+            step: state.step,
+            loss: Some(state.loss_sum / steps_per_epoch as f64),
             lr: Some(lr),
             tau: Some(tau),
             knn_top1: knn.map(|a| a.top1),
             knn_top5: knn.map(|a| a.top5),
-            images_per_sec: Some((steps_per_epoch * batch_size) as f64 / epoch_seconds),
+            images_per_sec: Some((timed_batches * batch_size) as f64 / epoch_seconds),
             epoch_seconds: Some(epoch_seconds),
-            projection_std: last_projection.map(projection_std),
+            projection_std: Some(std),
             peak_rss_mib: peak_rss_mib(),
         };
         tracing::info!(
-            "epoch {epoch}/{}: loss {:.4}, {:.1} img/s, {:.0}s{}",
-            config.train.epochs,
+            "epoch {epoch}/{epochs}: loss {:.4}, projection std x sqrt(d) {:.3}, {:.1} img/s, {:.0}s{}",
             row.loss.unwrap_or(f64::NAN),
+            std * projection_dim.sqrt(),
             row.images_per_sec.unwrap_or(0.0),
             epoch_seconds,
             knn.map(|a| format!(
@@ -259,13 +353,44 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<Vec<EpochMetr
             .unwrap_or_default()
         );
         rows.push(row);
-        checkpoint::save(&checkpoint_dir, &byol, &TrainingState { epoch, step })?;
+        state = TrainingState {
+            epoch,
+            step: state.step,
+            low_std_epochs: state.low_std_epochs,
+            ..Default::default()
+        };
+        checkpoint::save(&last, &byol, &optimizer, &state)?;
+        if config.train.checkpoint_every > 0 && epoch.is_multiple_of(config.train.checkpoint_every)
+        {
+            checkpoint::save(
+                &checkpoints.join(format!("epoch-{epoch:04}")),
+                &byol,
+                &optimizer,
+                &state,
+            )?;
+            prune_snapshots(&checkpoints, config.train.keep_checkpoints)?;
+        }
         write_metrics(&metrics_path, &rows)?;
         if let Err(e) = plot_knn(&options.out.join("knn.png"), &rows)
             .and_then(|_| plot_loss(&options.out.join("loss.png"), &rows))
         {
             tracing::warn!("could not draw the plots: {e:#}");
         }
+        if config.train.collapse_patience > 0
+            && state.low_std_epochs >= config.train.collapse_patience
+        {
+            bail!(
+                "representation collapse: the online projections' spread (std x sqrt(dim) = {:.4}) stayed under {} for {} epochs; \
+                 stopping (metrics and checkpoint kept in {}). Check the predictor, the EMA rate and the learning rate",
+                std * projection_dim.sqrt(),
+                config.train.collapse_threshold,
+                state.low_std_epochs,
+                options.out.display()
+            );
+        }
     }
-    Ok(rows)
+    Ok(RunResult {
+        rows,
+        interrupted: false,
+    })
 }

@@ -106,7 +106,7 @@ impl AugmentConfig {
                 ("contrast", v.contrast),
                 ("saturation", v.saturation),
             ] {
-                if !(x >= 0.0) {
+                if x.is_nan() || x < 0.0 {
                     bail!("config field `{}` must be >= 0", field(f));
                 }
             }

@@ -98,10 +98,25 @@ pub fn plain_batch(dataset: &Dataset, indices: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Batches of one epoch, produced on a background thread into a queue of `prefetch` batches.
+/// Which batches of which epoch to produce, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct EpochSpec {
+    pub batch_size: usize,
+    pub seed: u64,
+    pub epoch: usize,
+    /// Skip the batches before this one (resuming inside an epoch).
+    pub first_batch: usize,
+    /// Augmentation threads; 0 uses rayon's global pool.
+    pub workers: usize,
+    /// Batches prepared ahead of the training step.
+    pub prefetch: usize,
+}
+
+/// Batches of one epoch, produced on a background thread into a bounded queue.
 /// The last incomplete batch is dropped (BatchNorm needs full batches).
 pub struct EpochLoader {
     receiver: Receiver<TwoViewBatch>,
+    /// Batches this loader yields.
     pub batches: usize,
 }
 
@@ -110,32 +125,28 @@ impl EpochLoader {
         len / batch_size
     }
 
-    /// `workers == 0` uses rayon's global pool; otherwise a pool of that many threads.
-    pub fn start(
-        dataset: Arc<Dataset>,
-        augment: AugmentConfig,
-        batch_size: usize,
-        seed: u64,
-        epoch: usize,
-        workers: usize,
-        prefetch: usize,
-    ) -> Self {
-        let batches = Self::batches_per_epoch(dataset.len(), batch_size);
-        let (sender, receiver) = sync_channel(prefetch.max(1));
+    pub fn start(dataset: Arc<Dataset>, augment: AugmentConfig, spec: EpochSpec) -> Self {
+        let total = Self::batches_per_epoch(dataset.len(), spec.batch_size);
+        let first = spec.first_batch.min(total);
+        let (sender, receiver) = sync_channel(spec.prefetch.max(1));
         std::thread::spawn(move || {
-            let order = epoch_order(dataset.len(), seed, epoch);
-            let pool =
-                (workers > 0).then(|| rayon::ThreadPoolBuilder::new().num_threads(workers).build());
-            for b in 0..batches {
+            let order = epoch_order(dataset.len(), spec.seed, spec.epoch);
+            let pool = (spec.workers > 0).then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(spec.workers)
+                    .build()
+            });
+            for b in first..total {
                 let make = || {
+                    let start = b * spec.batch_size;
                     two_view_batch(
                         &dataset,
                         &augment,
                         &order,
-                        b * batch_size,
-                        batch_size,
-                        seed,
-                        epoch,
+                        start,
+                        spec.batch_size,
+                        spec.seed,
+                        spec.epoch,
                     )
                 };
                 let batch = match &pool {
@@ -147,7 +158,10 @@ impl EpochLoader {
                 }
             }
         });
-        EpochLoader { receiver, batches }
+        EpochLoader {
+            receiver,
+            batches: total - first,
+        }
     }
 }
 
@@ -179,16 +193,28 @@ mod tests {
     fn batches_are_identical_whatever_the_number_of_workers() {
         let ds = Arc::new(dataset(20, 8));
         let augment = TrainConfig::preset("paper").unwrap().data.augment;
+        let spec = |epoch, workers, first_batch| EpochSpec {
+            batch_size: 6,
+            seed: 3,
+            epoch,
+            first_batch,
+            workers,
+            prefetch: 2,
+        };
         let run = |workers| -> Vec<TwoViewBatch> {
-            EpochLoader::start(ds.clone(), augment.clone(), 6, 3, 1, workers, 2).collect()
+            EpochLoader::start(ds.clone(), augment.clone(), spec(1, workers, 0)).collect()
         };
         let one = run(1);
         assert_eq!(one.len(), 3);
         assert_eq!(one, run(2));
         assert_eq!(one, run(0));
         // Another epoch shuffles and augments differently.
-        let other: Vec<TwoViewBatch> = EpochLoader::start(ds, augment, 6, 3, 2, 1, 2).collect();
+        let other: Vec<TwoViewBatch> =
+            EpochLoader::start(ds.clone(), augment.clone(), spec(2, 1, 0)).collect();
         assert_ne!(one, other);
+        // Starting inside the epoch yields the same remaining batches.
+        let rest: Vec<TwoViewBatch> = EpochLoader::start(ds, augment, spec(1, 1, 1)).collect();
+        assert_eq!(rest, one[1..]);
     }
 
     #[test]

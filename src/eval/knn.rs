@@ -77,7 +77,7 @@ pub fn knn_accuracies(
     let mut hits = vec![(0usize, 0usize); ks.len()];
     for start in (0..query_len).step_by(CHUNK) {
         let end = (start + CHUNK).min(query_len);
-        let block = queries.clone().slice([start..end]);
+        let block = queries.clone().slice_dim(0, start..end);
         let (sims, indices): (Tensor<2>, Tensor<2, Int>) =
             block.matmul(bank_t.clone()).topk_with_indices(k_max, 1);
         let sims: Vec<f32> = sims.into_data().iter::<f32>().collect();

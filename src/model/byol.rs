@@ -61,12 +61,21 @@ impl ByolConfig {
         }
     }
 
-    /// A fresh online network and a target that starts as its exact copy.
-    pub fn init(&self, device: &Device) -> Byol {
+    /// A fresh online network drawn from `seed`, and a target that starts as its exact copy.
+    ///
+    /// burn initialises parameters lazily from the device's global generator, so a parameter
+    /// first touched later (in a forward, say) would draw whatever another thread left there.
+    /// Seeding and touching every parameter happen here under one process-wide lock, so the
+    /// weights depend on `seed` alone.
+    pub fn init(&self, device: &Device, seed: u64) -> Byol {
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        device.seed(seed);
         let online = OnlineNetwork {
             encoder: self.init_encoder(device),
             predictor: self.predictor.init(self.projector.output_dim, device),
         };
+        super::materialize(&online);
         let target = self.target_copy(&online.encoder, device);
         Byol { online, target }
     }
@@ -207,7 +216,7 @@ mod tests {
     #[test]
     fn target_starts_as_an_independent_copy_of_the_online_encoder() {
         let device = Device::default().autodiff();
-        let byol = tiny_config().init(&device);
+        let byol = tiny_config().init(&device, 0);
         let (online, target) = (params(&byol.online.encoder), params(&byol.target));
         assert_eq!(online.values, target.values);
         assert!(
@@ -226,7 +235,7 @@ mod tests {
     #[test]
     fn one_step_trains_every_online_parameter_and_the_target_moves_only_by_ema() {
         let device = Device::default().autodiff();
-        let byol = tiny_config().init(&device);
+        let byol = tiny_config().init(&device, 0);
         let mut optimizer = adam().build();
         let before_online = params(&byol.online);
         let before_target = params(&byol.target);
@@ -293,7 +302,7 @@ mod tests {
     #[test]
     fn target_normalises_with_batch_statistics_during_training() {
         let device = Device::default().autodiff();
-        let byol = tiny_config().init(&device);
+        let byol = tiny_config().init(&device, 0);
         // Batch statistics make every channel's output mean zero over the batch; the fresh
         // running statistics (mean 0, var 1) would leave the convolution's mean in place.
         let (v1, _) = views(&device);

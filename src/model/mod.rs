@@ -4,7 +4,7 @@ pub mod byol;
 pub mod mlp;
 pub mod resnet;
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 
 /// Folds pending BatchNorm running-statistic updates into the stored values.
@@ -14,6 +14,17 @@ use burn::tensor::Tensor;
 /// in place as a side effect; the validation copy it returns is dropped.
 pub fn sync_running_stats(module: &impl Module) {
     let _ = module.valid();
+}
+
+/// Initialises every lazily initialised parameter of `module` now.
+pub fn materialize(module: &impl Module) {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
 }
 
 /// Gives every parameter a new id, keeping its value and training state: a loaded copy of a

@@ -226,6 +226,7 @@ impl Bottleneck {
 }
 
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // A handful per network; boxing buys nothing.
 pub enum Block {
     Basic(BasicBlock),
     Bottleneck(Bottleneck),

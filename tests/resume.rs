@@ -1,0 +1,136 @@
+//! A run stopped and resumed ends with exactly the weights of a run that never stopped.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use byol::checkpoint;
+use byol::config::TrainConfig;
+use byol::device::Backend;
+use byol::optim::OptimizerKind;
+use byol::train::{RunOptions, train};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+fn write_images(root: &Path) {
+    for (c, class) in ["a", "b", "c"].iter().enumerate() {
+        let dir = root.join("train").join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..8u32 {
+            let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                image::Rgb([
+                    (c as u32 * 90 + x * 3) as u8,
+                    (y * 11 + i * 17) as u8,
+                    ((x ^ y) * 9) as u8,
+                ])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+fn config(epochs: usize) -> TrainConfig {
+    let mut c = TrainConfig::preset("seed").unwrap();
+    c.model.backbone.width = 0.125;
+    c.model.projector.hidden_dim = 32;
+    c.model.projector.output_dim = 16;
+    c.model.predictor.hidden_dim = 32;
+    c.model.predictor.output_dim = 16;
+    // LARS with momentum: its state must survive the checkpoint too.
+    c.optimizer.kind = OptimizerKind::Lars;
+    c.optimizer.lr = 0.1;
+    c.data.image_size = 16;
+    c.data.batch_size = 8;
+    c.train.epochs = epochs;
+    c.knn.every = 0;
+    c
+}
+
+fn options(data: &Path, out: &Path, resume: bool, stop: bool) -> RunOptions {
+    RunOptions {
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        device: Backend::Flex.training_device().unwrap(),
+        overwrite: false,
+        resume,
+        progress: false,
+        stop: Arc::new(AtomicBool::new(stop)),
+    }
+}
+
+#[derive(Default)]
+struct Values(Vec<Vec<f32>>);
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(param.val().into_data().iter::<f32>().collect());
+    }
+}
+
+fn weights(run: &Path) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let device = Backend::Flex.training_device().unwrap();
+    let (byol, _) =
+        checkpoint::load(&run.join("checkpoints/last"), &config(2).model, &device).unwrap();
+    let (mut online, mut target) = (Values::default(), Values::default());
+    byol.online.visit(&mut online);
+    byol.target.visit(&mut target);
+    (online.0, target.0)
+}
+
+fn losses(run: &Path) -> Vec<Option<f64>> {
+    byol::report::read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| r.loss)
+        .collect()
+}
+
+#[test]
+fn interrupted_and_resumed_runs_equal_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_images(&data);
+
+    let straight = dir.path().join("straight");
+    let result = train(&config(2), &options(&data, &straight, false, false)).unwrap();
+    assert!(!result.interrupted);
+    assert_eq!(result.rows.len(), 3);
+
+    // Stopped after the first step of epoch 1, then resumed to the end.
+    let stopped = dir.path().join("stopped");
+    let result = train(&config(2), &options(&data, &stopped, false, true)).unwrap();
+    assert!(result.interrupted);
+    let result = train(&config(2), &options(&data, &stopped, true, false)).unwrap();
+    assert!(!result.interrupted);
+
+    // One epoch, then extended to two with --resume --epochs 2 (constant schedules).
+    let extended = dir.path().join("extended");
+    train(&config(1), &options(&data, &extended, false, false)).unwrap();
+    train(&config(2), &options(&data, &extended, true, false)).unwrap();
+
+    // Same seed, same weights: even with other runs initialising concurrently in this process.
+    let straight2 = dir.path().join("straight2");
+    train(&config(2), &options(&data, &straight2, false, false)).unwrap();
+    let reference = weights(&straight);
+    assert!(!reference.0.is_empty());
+    assert_eq!(weights(&straight2), reference, "two straight runs differ");
+    assert_eq!(weights(&stopped), reference, "interrupted run differs");
+    assert_eq!(weights(&extended), reference, "extended run differs");
+    assert_eq!(losses(&stopped), losses(&straight));
+    assert_eq!(losses(&extended), losses(&straight));
+}
+
+#[test]
+fn resume_without_a_checkpoint_and_a_second_run_in_the_same_dir_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_images(&data);
+    let run = dir.path().join("run");
+    let err = train(&config(1), &options(&data, &run, true, false))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("no checkpoint"), "{err:#}");
+    train(&config(1), &options(&data, &run, false, false)).unwrap();
+    let err = train(&config(1), &options(&data, &run, false, false))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("--overwrite"), "{err:#}");
+}
