@@ -162,3 +162,121 @@ pub fn open_run(path: &Path, device: &Device) -> Result<OpenedRun> {
         state,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TrainConfig;
+
+    fn tiny() -> ByolConfig {
+        let mut c = TrainConfig::preset("seed").unwrap().model;
+        c.backbone.width = 0.125;
+        (c.projector.hidden_dim, c.projector.output_dim) = (16, 8);
+        (c.predictor.hidden_dim, c.predictor.output_dim) = (16, 8);
+        c
+    }
+
+    fn first_weight(byol: &Byol) -> Vec<f32> {
+        byol.online
+            .encoder
+            .backbone
+            .conv1
+            .weight
+            .val()
+            .into_data()
+            .iter::<f32>()
+            .collect()
+    }
+
+    #[test]
+    fn a_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = dir.path().join("last");
+        let device = Device::default().autodiff();
+        let (config, optimizer) = (
+            tiny(),
+            crate::config::TrainConfig::preset("seed")
+                .unwrap()
+                .optimizer
+                .build(),
+        );
+        let first = config.init(&device, 1);
+        save(
+            &last,
+            &first,
+            &optimizer,
+            &TrainingState {
+                epoch: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+
+        // Killed while writing the new files: the staging folder is half written.
+        let staging = dir.path().join(".last.new");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join(ONLINE), b"half a file").unwrap();
+        let (loaded, state) = load(&last, &config, &device).unwrap();
+        assert_eq!(
+            (state.epoch, first_weight(&loaded)),
+            (1, first_weight(&first))
+        );
+
+        // Killed between the two renames: only `last.old` holds a checkpoint.
+        std::fs::rename(&last, dir.path().join("last.old")).unwrap();
+        let (loaded, state) = load(&last, &config, &device).unwrap();
+        assert_eq!(
+            (state.epoch, first_weight(&loaded)),
+            (1, first_weight(&first))
+        );
+        assert!(load_optimizer(&last, optimizer.clone()).is_ok());
+
+        // The next save cleans up and replaces it.
+        let second = config.init(&device, 2);
+        save(
+            &last,
+            &second,
+            &optimizer,
+            &TrainingState {
+                epoch: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (loaded, state) = load(&last, &config, &device).unwrap();
+        assert_eq!(
+            (state.epoch, first_weight(&loaded)),
+            (2, first_weight(&second))
+        );
+        assert!(!staging.exists() && !dir.path().join("last.old").exists());
+    }
+
+    #[test]
+    fn loading_into_another_architecture_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Device::default().autodiff();
+        let optimizer = crate::config::TrainConfig::preset("seed")
+            .unwrap()
+            .optimizer
+            .build();
+        save(
+            &dir.path().join("last"),
+            &tiny().init(&device, 0),
+            &optimizer,
+            &TrainingState::default(),
+        )
+        .unwrap();
+        let mut wider = tiny();
+        wider.backbone.width = 0.25;
+        let err = format!(
+            "{:#}",
+            load(&dir.path().join("last"), &wider, &device)
+                .err()
+                .unwrap()
+        );
+        assert!(
+            err.contains("online.bpk") && err.contains("does not fit"),
+            "{err}"
+        );
+    }
+}

@@ -38,6 +38,71 @@ pub enum Command {
     /// Inspect the built-in presets.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Measure throughput: the training step, inference, or the data pipeline.
+    Bench(BenchArgs),
+    /// Look at the data.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// A PNG grid of original / view 1 / view 2 for a few training images.
+    Preview {
+        /// Image folder (or .tar.gz) with train/.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "preview.png")]
+        out: PathBuf,
+        /// Recipe whose augmentations are shown.
+        #[arg(long, default_value = "seed")]
+        preset: String,
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+        /// Pixel magnification.
+        #[arg(long, default_value_t = 4)]
+        zoom: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKind {
+    /// The whole BYOL step on random images.
+    Train,
+    /// Backbone forward in eval mode.
+    Infer,
+    /// Decoding-free augmentation of two views per image.
+    Data,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub kind: BenchKind,
+    /// Recipe whose model and augmentations are measured.
+    #[arg(long, default_value = "seed")]
+    pub preset: String,
+    #[arg(long, value_enum)]
+    pub backbone: Option<Architecture>,
+    #[arg(long)]
+    pub width: Option<f64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, value_enum)]
+    pub device: Option<Backend>,
+    /// `data` only: augment these images (an image folder or .tar.gz) instead of random ones.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -243,6 +308,34 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(EvalCommand::Knn(args)) => eval_knn(&args),
+        Command::Bench(args) => bench(&args),
+        Command::Data(DataCommand::Preview {
+            data,
+            out,
+            preset,
+            count,
+            zoom,
+            seed,
+        }) => {
+            let config = TrainConfig::preset(&preset)?;
+            let root = find_root(&resolve_data_dir(&data)?)?;
+            let train = load_split(&root, "train", config.data.image_size)?;
+            let grid = crate::data::preview::preview_grid(
+                &train,
+                &config.data.augment,
+                count,
+                zoom.max(1),
+                seed,
+            );
+            let mut png = Vec::new();
+            grid.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            crate::io::write_atomic(&out, &png)?;
+            eprintln!(
+                "wrote {} ({count} images: original, view 1, view 2)",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Config(ConfigCommand::Show { preset }) => {
             print!("{}", TrainConfig::preset(&preset)?.to_toml());
             Ok(())
@@ -316,5 +409,86 @@ fn eval_knn(args: &KnnArgs) -> Result<()> {
             "results": results,
         })
     );
+    Ok(())
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    let mut config = TrainConfig::preset(&args.preset)?;
+    if let Some(b) = args.backbone {
+        config.model.backbone.architecture = b;
+    }
+    if let Some(w) = args.width {
+        config.model.backbone.width = w;
+    }
+    if let Some(b) = args.batch_size {
+        config.data.batch_size = b;
+    }
+    if let Some(s) = args.image_size {
+        config.data.image_size = s;
+    }
+    config.validate()?;
+    let reports = match args.kind {
+        BenchKind::Train | BenchKind::Infer => {
+            let device = args
+                .device
+                .unwrap_or_else(Backend::default_compiled)
+                .training_device()?;
+            let report = if args.kind == BenchKind::Train {
+                crate::bench::bench_train(&config, &device, args.warmup, args.steps)
+            } else {
+                crate::bench::bench_infer(&config, &device, args.warmup, args.steps)
+            };
+            vec![report]
+        }
+        BenchKind::Data => {
+            let dataset = match &args.data {
+                Some(path) => {
+                    let root = find_root(&resolve_data_dir(path)?)?;
+                    Some(load_split(&root, "train", config.data.image_size)?)
+                }
+                None => None,
+            };
+            // One core, then all of them.
+            [1, 0]
+                .into_iter()
+                .map(|threads| {
+                    crate::bench::bench_data(
+                        &config,
+                        dataset.as_ref(),
+                        threads,
+                        args.warmup,
+                        args.steps,
+                    )
+                })
+                .collect()
+        }
+    };
+    for r in &reports {
+        eprintln!(
+            "{} {}x{}x{} on {} thread(s): {:.1} img/s (median {:.3}s, min {:.3}s, max {:.3}s over {} steps){}{}",
+            r.bench,
+            r.batch_size,
+            r.image_size,
+            r.image_size,
+            r.threads,
+            r.images_per_sec,
+            r.timing.median_s,
+            r.timing.min_s,
+            r.timing.max_s,
+            r.timing.steps,
+            r.gflops_per_sec
+                .map(|g| format!(", {g:.1} GFLOP/s"))
+                .unwrap_or_default(),
+            r.peak_rss_mib
+                .map(|m| format!(", peak RSS {m:.0} MiB"))
+                .unwrap_or_default(),
+        );
+    }
+    let json = if reports.len() == 1 {
+        serde_json::to_value(&reports[0])?
+    } else {
+        serde_json::json!({"runs": reports})
+    };
+    println!("{json}");
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! (optimizers, schedules), [`data`] (datasets, augmentations, loader), [`eval`] (kNN),
 //! [`train`] (the loop), [`cli`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -394,3 +394,19 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         interrupted: false,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn projection_std_is_zero_for_one_point_and_about_one_over_sqrt_dim_when_spread() {
+        let device = Device::default();
+        let same = Tensor::<2>::ones([64, 16], &device);
+        assert!(projection_std(same) < 1e-6);
+        let spread = Tensor::<2>::random([4096, 16], Distribution::Normal(0.0, 1.0), &device);
+        let std = projection_std(spread) * 16f64.sqrt();
+        assert!((std - 1.0).abs() < 0.1, "{std}");
+    }
+}

@@ -4,3 +4,4 @@ pub mod archive;
 pub mod augment;
 pub mod folder;
 pub mod loader;
+pub mod preview;

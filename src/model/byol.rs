@@ -97,6 +97,20 @@ impl ByolConfig {
     }
 }
 
+impl ByolConfig {
+    /// FLOPs of one training step per image pair: both views through the online network
+    /// forward and backward (counted as 3 forwards) and through the target forward.
+    pub fn step_flops(&self, size: usize) -> f64 {
+        let mlp = |input: usize, head: &MlpConfig| {
+            2.0 * (input * head.hidden_dim + head.hidden_dim * head.output_dim) as f64
+        };
+        let backbone = self.backbone.forward_flops(size);
+        let projector = mlp(self.backbone.feature_dim(), &self.projector);
+        let predictor = mlp(self.projector.output_dim, &self.predictor);
+        2.0 * (3.0 * (backbone + projector + predictor) + backbone + projector)
+    }
+}
+
 impl Byol {
     /// Both views through both networks; the loss of the pair.
     pub fn forward(&self, view1: Tensor<4>, view2: Tensor<4>) -> ByolOutput {

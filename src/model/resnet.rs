@@ -335,3 +335,73 @@ mod tests {
         assert_eq!(net.num_params(), 11_168_832 + bn_running);
     }
 }
+
+impl BackboneConfig {
+    /// Floating-point operations (2 per multiply-add) of one forward of a `size x size` image
+    /// through the convolutions, as PyTorch's flop counter counts them (BatchNorm, ReLU and
+    /// pooling are left out: they are a fraction of a percent).
+    pub fn forward_flops(&self, size: usize) -> f64 {
+        let conv = |cin: usize, cout: usize, k: usize, out: usize| {
+            2.0 * (cin * k * k * cout * out * out) as f64
+        };
+        let (blocks, bottleneck) = self.architecture.stages();
+        let base = self.base_channels();
+        let mut side = size;
+        let mut flops = match self.stem {
+            Stem::Cifar => conv(3, base, 3, side),
+            Stem::Imagenet => {
+                side = side.div_ceil(2);
+                let f = conv(3, base, 7, side);
+                side = side.div_ceil(2);
+                f
+            }
+        };
+        let expansion = if bottleneck { 4 } else { 1 };
+        let mut in_channels = base;
+        for (stage, &count) in blocks.iter().enumerate() {
+            let planes = base << stage;
+            for index in 0..count {
+                let stride = if stage > 0 && index == 0 { 2 } else { 1 };
+                let out_side = side.div_ceil(stride);
+                let out_channels = planes * expansion;
+                flops += if bottleneck {
+                    conv(in_channels, planes, 1, side)
+                        + conv(planes, planes, 3, out_side)
+                        + conv(planes, out_channels, 1, out_side)
+                } else {
+                    conv(in_channels, planes, 3, out_side) + conv(planes, planes, 3, out_side)
+                };
+                if stride != 1 || in_channels != out_channels {
+                    flops += conv(in_channels, out_channels, 1, out_side);
+                }
+                in_channels = out_channels;
+                side = out_side;
+            }
+        }
+        flops
+    }
+}
+
+#[cfg(test)]
+mod flop_tests {
+    use super::*;
+
+    #[test]
+    fn resnet18_cifar_forward_is_the_published_1_11_gflop() {
+        let config = BackboneConfig {
+            architecture: Architecture::Resnet18,
+            stem: Stem::Cifar,
+            width: 1.0,
+        };
+        let gflop = config.forward_flops(32) / 1e9;
+        assert!((gflop - 1.11).abs() < 0.01, "{gflop}");
+        // torchvision's ResNet-50 at 224: 4.1 GMAC.
+        let config = BackboneConfig {
+            architecture: Architecture::Resnet50,
+            stem: Stem::Imagenet,
+            width: 1.0,
+        };
+        let gmac = config.forward_flops(224) / 2e9;
+        assert!((gmac - 4.09).abs() < 0.05, "{gmac}");
+    }
+}
