@@ -43,6 +43,58 @@ pub enum Command {
     /// Look at the data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Write a checkpoint's weights as safetensors under torchvision's ResNet names.
+    Export(ExportArgs),
+    /// Write a dataset's features as .npy (with labels .npy and a CSV of file paths).
+    Embed(EmbedArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportPart {
+    /// The online backbone (what is usually shipped).
+    Backbone,
+    /// Online backbone, projector and predictor.
+    Online,
+    /// Target backbone and projector.
+    Target,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A run directory, or a checkpoint directory inside one.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "backbone")]
+    pub part: ExportPart,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    Train,
+    Test,
+    /// Train then test.
+    All,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// A run directory, or a checkpoint directory inside one.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Image folder (or .tar.gz) with train/ and test/.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Features file (.npy); labels go to `<stem>_labels.npy`, paths to `<stem>_paths.csv`.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "backbone")]
+    pub features: Features,
+    #[arg(long, value_enum)]
+    pub device: Option<Backend>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -165,6 +217,10 @@ pub struct TrainArgs {
     /// Replace an earlier run's results in --out.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Start the online backbone from these weights (safetensors under torchvision's names,
+    /// e.g. from `byol export` or a converted torchvision ResNet).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint, with its config.toml (only
     /// --epochs may change, to extend it).
     #[arg(long)]
@@ -276,6 +332,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 device: backend.training_device()?,
                 overwrite: args.overwrite,
                 resume: args.resume,
+                init: args.init.clone(),
                 progress: !args.quiet && std::io::stderr().is_terminal(),
                 stop: Arc::new(AtomicBool::new(false)),
             };
@@ -296,19 +353,23 @@ pub fn run(cli: Cli) -> Result<()> {
             if result.interrupted {
                 std::process::exit(130);
             }
-            if let Some(last) = result.rows.iter().rev().find(|r| r.knn_top1.is_some()) {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "run": options.out, "epochs": config.train.epochs, "epoch": last.epoch,
-                        "knn_top1": last.knn_top1, "knn_top5": last.knn_top5,
-                    })
-                );
-            }
+            let last = result.rows.last();
+            let last_knn = result.rows.iter().rev().find(|r| r.knn_top1.is_some());
+            println!(
+                "{}",
+                serde_json::json!({
+                    "run": options.out, "epochs": config.train.epochs,
+                    "epoch": last.map(|r| r.epoch), "loss": last.and_then(|r| r.loss),
+                    "knn_epoch": last_knn.map(|r| r.epoch),
+                    "knn_top1": last_knn.and_then(|r| r.knn_top1), "knn_top5": last_knn.and_then(|r| r.knn_top5),
+                })
+            );
             Ok(())
         }
         Command::Eval(EvalCommand::Knn(args)) => eval_knn(&args),
         Command::Bench(args) => bench(&args),
+        Command::Export(args) => export(&args),
+        Command::Embed(args) => embed(&args),
         Command::Data(DataCommand::Preview {
             data,
             out,
@@ -490,5 +551,107 @@ fn bench(args: &BenchArgs) -> Result<()> {
         serde_json::json!({"runs": reports})
     };
     println!("{json}");
+    Ok(())
+}
+
+fn export(args: &ExportArgs) -> Result<()> {
+    let run = open_run(
+        &args.checkpoint,
+        &Backend::default_compiled().training_device()?,
+    )?;
+    let c = &run.config;
+    let metadata = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "backbone".to_string(),
+            format!("{:?}", c.model.backbone.architecture).to_lowercase(),
+        ),
+        (
+            "stem".to_string(),
+            format!("{:?}", c.model.backbone.stem).to_lowercase(),
+        ),
+        ("width".to_string(), c.model.backbone.width.to_string()),
+        (
+            "part".to_string(),
+            format!("{:?}", args.part).to_lowercase(),
+        ),
+        ("epoch".to_string(), run.state.epoch.to_string()),
+        ("config".to_string(), c.to_toml()),
+    ]);
+    let count = match args.part {
+        ExportPart::Backbone => {
+            crate::export::export(&run.byol.online.encoder.backbone, metadata, &args.out)?
+        }
+        ExportPart::Online => crate::export::export(&run.byol.online, metadata, &args.out)?,
+        ExportPart::Target => crate::export::export(&run.byol.target, metadata, &args.out)?,
+    };
+    eprintln!("wrote {count} tensors to {}", args.out.display());
+    println!(
+        "{}",
+        serde_json::json!({"out": args.out, "tensors": count, "epoch": run.state.epoch})
+    );
+    Ok(())
+}
+
+fn embed(args: &EmbedArgs) -> Result<()> {
+    let backend = args.device.unwrap_or_else(Backend::default_compiled);
+    let run = open_run(&args.checkpoint, &backend.training_device()?)?;
+    let root = find_root(&resolve_data_dir(&args.data)?)?;
+    let size = run.config.data.image_size;
+    let splits: &[&str] = match args.split {
+        Split::Train => &["train"],
+        Split::Test => &["test"],
+        Split::All => &["train", "test"],
+    };
+    let (mut features, mut labels, mut csv) = (
+        Vec::<u8>::new(),
+        Vec::<u8>::new(),
+        String::from("index,split,path,label,class\n"),
+    );
+    let (mut rows, mut dim) = (0usize, 0usize);
+    for split in splits {
+        let dataset = load_split(&root, split, size)?;
+        let matrix = crate::eval::embed_encoder(&run.byol.online.encoder, &dataset, args.features);
+        dim = matrix.dims()[1];
+        features.extend(matrix.into_data().iter::<f32>().flat_map(f32::to_le_bytes));
+        for (i, (path, &label)) in dataset.paths.iter().zip(&dataset.labels).enumerate() {
+            labels.extend((label as i64).to_le_bytes());
+            let path = path.display().to_string().replace('"', "\"\"");
+            csv.push_str(&format!(
+                "{},{split},\"{path}\",{label},{}\n",
+                rows + i,
+                dataset.classes[label]
+            ));
+        }
+        rows += dataset.len();
+    }
+    let stem = args.out.with_extension("");
+    let labels_path = stem.with_file_name(format!(
+        "{}_labels.npy",
+        stem.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let csv_path = stem.with_file_name(format!(
+        "{}_paths.csv",
+        stem.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    crate::io::write_atomic(
+        &args.out,
+        &crate::export::npy_bytes("<f4", &[rows, dim], &features),
+    )?;
+    crate::io::write_atomic(
+        &labels_path,
+        &crate::export::npy_bytes("<i8", &[rows], &labels),
+    )?;
+    crate::io::write_atomic(&csv_path, csv.as_bytes())?;
+    eprintln!(
+        "wrote {rows} x {dim} features to {}, labels to {}, paths to {}",
+        args.out.display(),
+        labels_path.display(),
+        csv_path.display()
+    );
+    println!(
+        "{}",
+        serde_json::json!({"features": args.out, "labels": labels_path, "paths": csv_path, "rows": rows, "dim": dim})
+    );
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod ema;
 pub mod eval;
+pub mod export;
 pub mod io;
 pub mod loss;
 pub mod model;

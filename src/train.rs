@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Continue the run in `out` from its last checkpoint.
     pub resume: bool,
+    /// Start the online backbone from these safetensors weights (torchvision names).
+    pub init: Option<PathBuf>,
     pub progress: bool,
     /// Set (by Ctrl-C) to finish the current step, checkpoint and return.
     pub stop: Arc<AtomicBool>,
@@ -210,7 +212,12 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         );
         (byol, optimizer, state, rows)
     } else {
-        let byol = config.model.init(device, config.train.seed);
+        let mut byol = config.model.init(device, config.train.seed);
+        if let Some(path) = &options.init {
+            byol.online.encoder.backbone =
+                crate::export::import(byol.online.encoder.backbone, path)?;
+            byol.target = config.model.target_copy(&byol.online.encoder, device);
+        }
         let baseline = monitor_knn(&byol, config, &data);
         if let Some(acc) = baseline {
             tracing::info!(

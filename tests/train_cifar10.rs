@@ -145,6 +145,81 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
     let cv = eval(&["--protocol", "cv5", "--k", "1"]);
     assert!((0.0..=1.0).contains(&cv["top1"].as_f64().unwrap()));
 
+    // Export the backbone under torchvision's names, embed the test split, and start a new run
+    // from the exported weights.
+    let byol = |args: &[&str]| -> serde_json::Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_byol"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let (out_s, data_s) = (out.to_str().unwrap(), data.to_str().unwrap());
+    let weights = work.path().join("backbone.safetensors");
+    let exported = byol(&[
+        "export",
+        "--checkpoint",
+        out_s,
+        "--out",
+        weights.to_str().unwrap(),
+    ]);
+    assert_eq!(exported["tensors"], 100);
+    let features = work.path().join("emb.npy");
+    let embedded = byol(&[
+        "embed",
+        "--checkpoint",
+        out_s,
+        "--data",
+        data_s,
+        "--split",
+        "all",
+        "--out",
+        features.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (embedded["rows"].as_u64(), embedded["dim"].as_u64()),
+        (Some(520), Some(64))
+    );
+    let npy = std::fs::read(&features).unwrap();
+    assert_eq!(npy.len(), 128 + 520 * 64 * 4);
+    let csv = std::fs::read_to_string(work.path().join("emb_paths.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 521);
+    assert!(
+        csv.lines().nth(1).unwrap().starts_with("0,train,")
+            && csv.lines().last().unwrap().starts_with("519,test,")
+    );
+    assert_eq!(
+        std::fs::read(work.path().join("emb_labels.npy"))
+            .unwrap()
+            .len(),
+        128 + 520 * 8
+    );
+    let second = work.path().join("second");
+    byol(&[
+        "train",
+        "--data",
+        data_s,
+        "--out",
+        second.to_str().unwrap(),
+        "--width",
+        "0.125",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--knn-every",
+        "0",
+        "--quiet",
+        "--init",
+        weights.to_str().unwrap(),
+    ]);
+
     // The same --out again is refused rather than overwritten.
     let again = Command::new(env!("CARGO_BIN_EXE_byol"))
         .args(["train", "--data"])

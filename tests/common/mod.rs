@@ -49,6 +49,7 @@ pub fn options(data: &Path, out: &Path, resume: bool, stop: bool) -> RunOptions 
         device: Backend::Flex.training_device().unwrap(),
         overwrite: false,
         resume,
+        init: None,
         progress: false,
         stop: Arc::new(AtomicBool::new(stop)),
     }

@@ -1,0 +1,118 @@
+"""The BYOL training step of `byol bench train`, in PyTorch, for a side-by-side comparison.
+
+Same model (torchvision ResNet with the CIFAR stem, projector Linear-BN-ReLU-Linear, predictor
+Linear-ReLU-Linear as the `seed` preset), same step (online forward and backward on both views,
+target forward on both, Adam, EMA), random images. Prints one JSON line like `byol bench train`.
+
+    pip install torch torchvision
+    python bench/pytorch_byol.py --width 1.0 --batch-size 128 --steps 10
+"""
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+
+def mlp(dim, hidden, out, batch_norm):
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.BatchNorm1d(hidden) if batch_norm else nn.Identity(),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out),
+    )
+
+
+def backbone(width):
+    net = torchvision.models.resnet18(num_classes=10, width_per_group=64)
+    if width != 1.0:
+        # Scale every stage like byol's --width (torchvision has no width multiplier).
+        base = max(1, round(64 * width))
+        net = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
+        net.inplanes = base
+        net.conv1 = nn.Conv2d(3, base, 3, 1, 1, bias=False)
+        net.bn1 = nn.BatchNorm2d(base)
+        net.layer1 = net._make_layer(torchvision.models.resnet.BasicBlock, base, 2)
+        net.layer2 = net._make_layer(torchvision.models.resnet.BasicBlock, base * 2, 2, stride=2)
+        net.layer3 = net._make_layer(torchvision.models.resnet.BasicBlock, base * 4, 2, stride=2)
+        net.layer4 = net._make_layer(torchvision.models.resnet.BasicBlock, base * 8, 2, stride=2)
+        net.fc = nn.Identity()
+        net.maxpool = nn.Identity()
+        return net, base * 8
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net, 512
+
+
+def loss_fn(p, z):
+    return 2 - 2 * (F.normalize(p, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    net, dim = backbone(args.width)
+    online = nn.Sequential(net, mlp(dim, 2048, 256, True))
+    predictor = mlp(256, 2048, 256, False)
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    online, target = online.to(memory_format=fmt), target.to(memory_format=fmt)
+    opt = torch.optim.Adam(list(online.parameters()) + list(predictor.parameters()), lr=3e-4)
+
+    b, s = args.batch_size, args.image_size
+
+    def step():
+        v1 = torch.randn(b, 3, s, s).to(memory_format=fmt)
+        v2 = torch.randn(b, 3, s, s).to(memory_format=fmt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            p1, p2 = predictor(online(v1)), predictor(online(v2))
+            with torch.no_grad():
+                z1, z2 = target(v1), target(v2)
+            loss = (loss_fn(p1.float(), z2.float()) + loss_fn(p2.float(), z1.float())).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for po, pt in zip(online.parameters(), target.parameters()):
+                pt.mul_(0.99).add_(po, alpha=0.01)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    print(json.dumps({
+        "bench": "train", "stack": "pytorch" + (" channels_last" if args.channels_last else "") + (" bf16" if args.bf16 else ""),
+        "batch_size": b, "image_size": s, "images_per_sec": b / median,
+        "timing": {"median_s": median, "min_s": min(times), "max_s": max(times), "steps": len(times)},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
