@@ -2,8 +2,7 @@
 
 use crate::checkpoint::open_run;
 use crate::config::{PRESETS, TrainConfig};
-use crate::data::archive::resolve_data_dir;
-use crate::data::folder::{find_root, load_split};
+use crate::data::Source;
 use crate::device::Backend;
 use crate::eval::knn::Vote;
 use crate::eval::{Features, knn_cross_validated, knn_train_test};
@@ -379,8 +378,7 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
         }) => {
             let config = TrainConfig::preset(&preset)?;
-            let root = find_root(&resolve_data_dir(&data)?)?;
-            let train = load_split(&root, "train", config.data.image_size)?;
+            let train = Source::open(&data)?.load("train", config.data.image_size)?;
             let grid = crate::data::preview::preview_grid(
                 &train,
                 &config.data.augment,
@@ -420,13 +418,13 @@ fn eval_knn(args: &KnnArgs) -> Result<()> {
     }
     let backend = args.device.unwrap_or_else(Backend::default_compiled);
     let run = open_run(&args.checkpoint, &backend.training_device()?)?;
-    let root = find_root(&resolve_data_dir(&args.data)?)?;
+    let source = Source::open(&args.data)?;
     let size = run.config.data.image_size;
-    let test = load_split(&root, "test", size)?;
+    let test = source.load("test", size)?;
     let encoder = &run.byol.online.encoder;
     let accuracies = match args.protocol {
         KnnProtocol::Split => {
-            let train = load_split(&root, "train", size)?;
+            let train = source.load("train", size)?;
             knn_train_test(
                 encoder,
                 &train,
@@ -503,10 +501,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
         }
         BenchKind::Data => {
             let dataset = match &args.data {
-                Some(path) => {
-                    let root = find_root(&resolve_data_dir(path)?)?;
-                    Some(load_split(&root, "train", config.data.image_size)?)
-                }
+                Some(path) => Some(Source::open(path)?.load("train", config.data.image_size)?),
                 None => None,
             };
             // One core, then all of them.
@@ -596,7 +591,7 @@ fn export(args: &ExportArgs) -> Result<()> {
 fn embed(args: &EmbedArgs) -> Result<()> {
     let backend = args.device.unwrap_or_else(Backend::default_compiled);
     let run = open_run(&args.checkpoint, &backend.training_device()?)?;
-    let root = find_root(&resolve_data_dir(&args.data)?)?;
+    let source = Source::open(&args.data)?;
     let size = run.config.data.image_size;
     let splits: &[&str] = match args.split {
         Split::Train => &["train"],
@@ -610,7 +605,7 @@ fn embed(args: &EmbedArgs) -> Result<()> {
     );
     let (mut rows, mut dim) = (0usize, 0usize);
     for split in splits {
-        let dataset = load_split(&root, split, size)?;
+        let dataset = source.load(split, size)?;
         let matrix = crate::eval::embed_encoder(&run.byol.online.encoder, &dataset, args.features);
         dim = matrix.dims()[1];
         features.extend(matrix.into_data().iter::<f32>().flat_map(f32::to_le_bytes));

@@ -3,8 +3,8 @@
 
 use crate::checkpoint::{self, TrainingState};
 use crate::config::TrainConfig;
-use crate::data::archive::resolve_data_dir;
-use crate::data::folder::{Dataset, find_root, load_split};
+use crate::data::Source;
+use crate::data::folder::Dataset;
 use crate::data::loader::{EpochLoader, EpochSpec, TwoViewBatch};
 use crate::ema::tau_at;
 use crate::eval::embed;
@@ -54,18 +54,20 @@ pub struct RunData {
 }
 
 pub fn load_data(config: &TrainConfig, data: &Path) -> Result<RunData> {
-    let root = find_root(&resolve_data_dir(data)?)?;
+    let source = Source::open(data)?;
     let size = config.data.image_size;
     let started = Instant::now();
-    let train = load_split(&root, "train", size)?
+    let train = source
+        .load("train", size)?
         .balanced_subset(config.data.train_limit, config.train.seed);
     let test = if config.knn.every > 0 {
-        let test = load_split(&root, "test", size)
+        let test = source
+            .load("test", size)
             .context("the kNN monitor needs a test split (or pass --knn-every 0)")?;
         if test.classes != train.classes {
             bail!(
-                "train and test splits of {} have different class folders",
-                root.display()
+                "train and test splits of the {} have different classes",
+                source.describe()
             );
         }
         Some(test)
@@ -77,7 +79,7 @@ pub fn load_data(config: &TrainConfig, data: &Path) -> Result<RunData> {
         train.len(),
         test.as_ref().map_or(0, Dataset::len),
         train.num_classes(),
-        root.display(),
+        source.describe(),
         started.elapsed().as_secs_f64()
     );
     Ok(RunData {
