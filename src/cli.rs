@@ -272,6 +272,9 @@ pub struct TrainArgs {
     /// Augmentation threads (0: all cores).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Leave undecodable images out (counted in a warning) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -315,6 +318,7 @@ impl TrainArgs {
         set(&mut c.knn.vote, &self.knn_vote);
         set(&mut c.knn.temperature, &self.knn_temperature);
         set(&mut c.data.workers, &self.workers);
+        c.data.skip_bad |= self.skip_bad;
         c.validate()?;
         Ok(c)
     }
@@ -378,7 +382,7 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
         }) => {
             let config = TrainConfig::preset(&preset)?;
-            let train = Source::open(&data)?.load("train", config.data.image_size)?;
+            let train = Source::open(&data)?.load("train", config.data.image_size, true)?;
             let grid = crate::data::preview::preview_grid(
                 &train,
                 &config.data.augment,
@@ -420,11 +424,11 @@ fn eval_knn(args: &KnnArgs) -> Result<()> {
     let run = open_run(&args.checkpoint, &backend.training_device()?)?;
     let source = Source::open(&args.data)?;
     let size = run.config.data.image_size;
-    let test = source.load("test", size)?;
+    let test = source.load("test", size, false)?;
     let encoder = &run.byol.online.encoder;
     let accuracies = match args.protocol {
         KnnProtocol::Split => {
-            let train = source.load("train", size)?;
+            let train = source.load("train", size, false)?;
             knn_train_test(
                 encoder,
                 &train,
@@ -501,7 +505,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
         }
         BenchKind::Data => {
             let dataset = match &args.data {
-                Some(path) => Some(Source::open(path)?.load("train", config.data.image_size)?),
+                Some(path) => {
+                    Some(Source::open(path)?.load("train", config.data.image_size, true)?)
+                }
                 None => None,
             };
             // One core, then all of them.
@@ -605,7 +611,7 @@ fn embed(args: &EmbedArgs) -> Result<()> {
     );
     let (mut rows, mut dim) = (0usize, 0usize);
     for split in splits {
-        let dataset = source.load(split, size)?;
+        let dataset = source.load(split, size, false)?;
         let matrix = crate::eval::embed_encoder(&run.byol.online.encoder, &dataset, args.features);
         dim = matrix.dims()[1];
         features.extend(matrix.into_data().iter::<f32>().flat_map(f32::to_le_bytes));

@@ -40,6 +40,9 @@ pub struct DataConfig {
     pub train_limit: usize,
     /// Augmentation threads; 0 uses every core.
     pub workers: usize,
+    /// Leave undecodable images out (with a warning) instead of stopping.
+    #[serde(default)]
+    pub skip_bad: bool,
     pub augment: AugmentConfig,
 }
 

@@ -57,12 +57,19 @@ pub fn load_data(config: &TrainConfig, data: &Path) -> Result<RunData> {
     let source = Source::open(data)?;
     let size = config.data.image_size;
     let started = Instant::now();
+    let skip_bad = config.data.skip_bad;
     let train = source
-        .load("train", size)?
+        .load("train", size, skip_bad)?
         .balanced_subset(config.data.train_limit, config.train.seed);
-    let test = if config.knn.every > 0 {
+    if config.knn.every > 0 && !source.is_labelled() {
+        tracing::warn!(
+            "{} has no labels: training without the kNN monitor",
+            source.describe()
+        );
+    }
+    let test = if config.knn.every > 0 && source.is_labelled() {
         let test = source
-            .load("test", size)
+            .load("test", size, skip_bad)
             .context("the kNN monitor needs a test split (or pass --knn-every 0)")?;
         if test.classes != train.classes {
             bail!(

@@ -153,7 +153,7 @@ pub fn decode(path: &Path, size: usize) -> Result<Vec<u8>> {
 }
 
 /// Loads `ROOT/<split>/<class>/*`, classes in sorted order, files sorted within each class.
-pub fn load_split(root: &Path, split: &str, size: usize) -> Result<Dataset> {
+pub fn load_split(root: &Path, split: &str, size: usize, skip_bad: bool) -> Result<Dataset> {
     let split_dir = root.join(split);
     if !split_dir.is_dir() {
         bail!(
@@ -190,16 +190,92 @@ pub fn load_split(root: &Path, split: &str, size: usize) -> Result<Dataset> {
         );
         files.extend(images.into_iter().map(|p| (p, label)));
     }
-    let decoded: Vec<Vec<u8>> = files
+    decode_all(classes, files, size, skip_bad)
+}
+
+/// Decodes `files` in parallel. With `skip_bad`, undecodable files are left out (and counted
+/// in a warning) instead of failing the load.
+fn decode_all(
+    classes: Vec<String>,
+    files: Vec<(PathBuf, usize)>,
+    size: usize,
+    skip_bad: bool,
+) -> Result<Dataset> {
+    let decoded: Vec<Result<Vec<u8>>> = files
         .par_iter()
         .map(|(path, _)| decode(path, size))
-        .collect::<Result<_>>()?;
+        .collect();
+    let (mut pixels, mut labels, mut paths, mut skipped) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((path, label), image) in files.into_iter().zip(decoded) {
+        match image {
+            Ok(bytes) => {
+                pixels.extend(bytes);
+                labels.push(label);
+                paths.push(path);
+            }
+            Err(e) if skip_bad => skipped.push(format!("{e:#}")),
+            Err(e) => return Err(e.context("pass --skip-bad to leave undecodable images out")),
+        }
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "skipped {} undecodable images, e.g. {}",
+            skipped.len(),
+            skipped[0]
+        );
+    }
+    if labels.is_empty() {
+        bail!("no decodable images");
+    }
     Ok(Dataset {
         classes,
         size,
-        pixels: decoded.concat(),
-        labels: files.iter().map(|(_, l)| *l).collect(),
-        paths: files.into_iter().map(|(p, _)| p).collect(),
+        pixels,
+        labels,
+        paths,
+    })
+}
+
+/// Every image under `dir` (recursively, in sorted order), unlabeled: pretraining only.
+pub fn load_unlabeled(dir: &Path, size: usize, skip_bad: bool) -> Result<Dataset> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for entry in sorted_entries(dir)? {
+            if entry.is_dir() {
+                walk(&entry, out)?;
+            } else if is_image(&entry) {
+                out.push(entry);
+            }
+        }
+        Ok(())
+    }
+    let mut images = Vec::new();
+    walk(dir, &mut images)?;
+    if images.is_empty() {
+        bail!(
+            "no images (.jpg, .jpeg, .png, .webp) under {}",
+            dir.display()
+        );
+    }
+    decode_all(
+        vec!["unlabeled".into()],
+        images.into_iter().map(|p| (p, 0)).collect(),
+        size,
+        skip_bad,
+    )
+}
+
+/// Whether any image lies under `dir` (at any depth).
+pub fn holds_images(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).any(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                holds_images(&path)
+            } else {
+                is_image(&path)
+            }
+        })
     })
 }
 
@@ -225,7 +301,7 @@ pub(crate) mod tests {
     fn loads_classes_in_order_and_resizes() {
         let dir = tempfile::tempdir().unwrap();
         write_folder(dir.path(), "train", &["b_cat", "a_dog"], 3, 12);
-        let ds = load_split(dir.path(), "train", 8).unwrap();
+        let ds = load_split(dir.path(), "train", 8, false).unwrap();
         assert_eq!(ds.classes, vec!["a_dog", "b_cat"]);
         assert_eq!(ds.labels, vec![0, 0, 0, 1, 1, 1]);
         assert_eq!(ds.pixels.len(), 6 * 8 * 8 * 3);
@@ -233,10 +309,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn unlabeled_folders_load_every_image_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        write_folder(dir.path(), "photos", &["2024", "2025"], 2, 6);
+        let ds = load_unlabeled(&dir.path().join("photos"), 4, false).unwrap();
+        assert_eq!((ds.len(), ds.num_classes()), (4, 1));
+        assert!(
+            holds_images(&dir.path().join("photos")) && !holds_images(&dir.path().join("nothing"))
+        );
+    }
+
+    #[test]
     fn balanced_subset_takes_equal_shares() {
         let dir = tempfile::tempdir().unwrap();
         write_folder(dir.path(), "train", &["a", "b", "c"], 5, 4);
-        let ds = load_split(dir.path(), "train", 4).unwrap();
+        let ds = load_split(dir.path(), "train", 4, false).unwrap();
         let sub = ds.balanced_subset(7, 1);
         let count = |c| sub.labels.iter().filter(|&&l| l == c).count();
         assert_eq!((count(0), count(1), count(2)), (3, 2, 2));
@@ -246,17 +333,30 @@ pub(crate) mod tests {
     #[test]
     fn bad_inputs_name_the_file_or_folder() {
         let dir = tempfile::tempdir().unwrap();
-        let err = format!("{:#}", load_split(dir.path(), "train", 8).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load_split(dir.path(), "train", 8, false).unwrap_err()
+        );
         assert!(err.contains("missing split folder"), "{err}");
         std::fs::create_dir_all(dir.path().join("train/empty")).unwrap();
-        let err = format!("{:#}", load_split(dir.path(), "train", 8).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load_split(dir.path(), "train", 8, false).unwrap_err()
+        );
         assert!(
             err.contains("empty") && err.contains("holds no images"),
             "{err}"
         );
         std::fs::write(dir.path().join("train/empty/broken.jpg"), b"not a jpeg").unwrap();
-        let err = format!("{:#}", load_split(dir.path(), "train", 8).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load_split(dir.path(), "train", 8, false).unwrap_err()
+        );
         assert!(err.contains("broken.jpg"), "{err}");
+        // --skip-bad leaves the broken file out and keeps the good ones.
+        write_folder(dir.path(), "train", &["good"], 2, 4);
+        let ds = load_split(dir.path(), "train", 4, true).unwrap();
+        assert_eq!(ds.len(), 2);
         let err = format!("{:#}", find_root(&dir.path().join("nope")).unwrap_err());
         assert!(err.contains("nope"), "{err}");
     }

@@ -17,6 +17,8 @@ pub enum Source {
     Folder(PathBuf),
     /// The official CIFAR-10 / CIFAR-100 binary files.
     Cifar(cifar::Cifar, PathBuf),
+    /// Images without classes (directly in the folder or below it): pretraining only.
+    Unlabeled(PathBuf),
 }
 
 impl Source {
@@ -26,14 +28,31 @@ impl Source {
         if let Some((kind, dir)) = cifar::Cifar::detect(&dir) {
             return Ok(Source::Cifar(kind, dir));
         }
-        Ok(Source::Folder(folder::find_root(&dir)?))
+        match folder::find_root(&dir) {
+            Ok(root) => Ok(Source::Folder(root)),
+            Err(_) if folder::holds_images(&dir) => Ok(Source::Unlabeled(dir)),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Loads `split` ("train" or "test") with images resized to `size x size`.
-    pub fn load(&self, split: &str, size: usize) -> Result<folder::Dataset> {
+    /// Whether the source has labels and a test split (what kNN needs).
+    pub fn is_labelled(&self) -> bool {
+        !matches!(self, Source::Unlabeled(_))
+    }
+
+    /// Loads `split` ("train" or "test") with images resized to `size x size`; `skip_bad`
+    /// leaves undecodable image files out instead of failing.
+    pub fn load(&self, split: &str, size: usize, skip_bad: bool) -> Result<folder::Dataset> {
         match self {
-            Source::Folder(root) => folder::load_split(root, split, size),
+            Source::Folder(root) => folder::load_split(root, split, size, skip_bad),
             Source::Cifar(kind, dir) => kind.load(dir, split, size),
+            Source::Unlabeled(dir) if split == "train" => {
+                folder::load_unlabeled(dir, size, skip_bad)
+            }
+            Source::Unlabeled(dir) => anyhow::bail!(
+                "{} is an unlabeled folder: it has no {split} split",
+                dir.display()
+            ),
         }
     }
 
@@ -41,6 +60,7 @@ impl Source {
         match self {
             Source::Folder(root) => format!("image folder {}", root.display()),
             Source::Cifar(kind, dir) => format!("{kind:?} binary files in {}", dir.display()),
+            Source::Unlabeled(dir) => format!("unlabeled folder {}", dir.display()),
         }
     }
 }
@@ -56,13 +76,13 @@ mod tests {
         cifar::tests::write_cifar10(&cifar_dir.join("cifar-10-batches-bin"), 4);
         let source = Source::open(&cifar_dir).unwrap();
         assert!(matches!(source, Source::Cifar(cifar::Cifar::Ten, _)));
-        assert_eq!(source.load("train", 32).unwrap().len(), 20);
+        assert_eq!(source.load("train", 32, false).unwrap().len(), 20);
 
         let folder_dir = dir.path().join("folder");
         folder::tests::write_folder(&folder_dir.join("set"), "train", &["x", "y"], 2, 8);
         let source = Source::open(&folder_dir).unwrap();
         assert_eq!(source, Source::Folder(folder_dir.join("set")));
-        assert_eq!(source.load("train", 8).unwrap().len(), 4);
+        assert_eq!(source.load("train", 8, false).unwrap().len(), 4);
 
         let err = format!(
             "{:#}",
