@@ -82,7 +82,7 @@ pub struct EmbedArgs {
     /// A run directory, or a checkpoint directory inside one.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Image folder (or .tar.gz) with train/ and test/.
+    /// Dataset (image folder, CIFAR binaries, or a .tar.gz of one) with train and test splits.
     #[arg(long)]
     pub data: PathBuf,
     #[arg(long, value_enum, default_value = "test")]
@@ -100,7 +100,7 @@ pub struct EmbedArgs {
 pub enum DataCommand {
     /// A PNG grid of original / view 1 / view 2 for a few training images.
     Preview {
-        /// Image folder (or .tar.gz) with train/.
+        /// Dataset (image folder, CIFAR binaries, unlabeled folder, or a .tar.gz of one).
         #[arg(long)]
         data: PathBuf,
         #[arg(long, default_value = "preview.png")]
@@ -135,14 +135,8 @@ pub struct BenchArgs {
     /// Recipe whose model and augmentations are measured.
     #[arg(long, default_value = "seed")]
     pub preset: String,
-    #[arg(long, value_enum)]
-    pub backbone: Option<Architecture>,
-    #[arg(long)]
-    pub width: Option<f64>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub image_size: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelFlags,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -175,7 +169,7 @@ pub struct KnnArgs {
     /// A run directory, or a checkpoint directory inside one.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Image folder (or .tar.gz) with train/ and test/.
+    /// Dataset (image folder, CIFAR binaries, or a .tar.gz of one) with train and test splits.
     #[arg(long)]
     pub data: PathBuf,
     /// Neighbours; a list evaluates every k from one embedding pass.
@@ -204,10 +198,44 @@ pub enum ConfigCommand {
     List,
 }
 
+/// Model and batch shape flags shared by `train` and `bench`.
+#[derive(Args, Debug)]
+pub struct ModelFlags {
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long, value_enum)]
+    pub backbone: Option<Architecture>,
+    #[arg(long, value_enum)]
+    pub stem: Option<Stem>,
+    /// Channel multiplier of the backbone (0.25 for quick CPU runs).
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// Images are resized to this square side.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+}
+
+/// Overwrites `field` with the flag's value when the flag was given.
+fn set<T: Clone>(field: &mut T, flag: &Option<T>) {
+    if let Some(v) = flag {
+        *field = v.clone();
+    }
+}
+
+impl ModelFlags {
+    pub fn apply(&self, c: &mut TrainConfig) {
+        set(&mut c.data.batch_size, &self.batch_size);
+        set(&mut c.model.backbone.architecture, &self.backbone);
+        set(&mut c.model.backbone.stem, &self.stem);
+        set(&mut c.model.backbone.width, &self.width);
+        set(&mut c.data.image_size, &self.image_size);
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Image folder `DIR/{train,test}/<class>/*.jpg`, or a `.tar.gz` of one (unpacked once into
-    /// $BYOL_DATA, else ~/.cache/byol).
+    /// Image folder `DIR/{train,test}/<class>/*.jpg`, CIFAR-10/100 binaries, an unlabeled image
+    /// folder, or a `.tar.gz` of one (unpacked once into $BYOL_DATA, else ~/.cache/byol).
     #[arg(long)]
     pub data: PathBuf,
     /// Run directory: config.toml, metrics.jsonl, knn.png, loss.png, checkpoints/last.
@@ -235,18 +263,8 @@ pub struct TrainArgs {
     pub device: Option<Backend>,
     #[arg(long)]
     pub epochs: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long, value_enum)]
-    pub backbone: Option<Architecture>,
-    #[arg(long, value_enum)]
-    pub stem: Option<Stem>,
-    /// Channel multiplier of the backbone (0.25 for quick CPU runs).
-    #[arg(long)]
-    pub width: Option<f64>,
-    /// Images are resized to this square side.
-    #[arg(long)]
-    pub image_size: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelFlags,
     /// Train on a class-balanced subset of this many images.
     #[arg(long)]
     pub train_limit: Option<usize>,
@@ -297,17 +315,8 @@ impl TrainArgs {
             Some(path) => TrainConfig::load(path)?,
             None => TrainConfig::preset(&self.preset)?,
         };
-        fn set<T: Clone>(field: &mut T, flag: &Option<T>) {
-            if let Some(v) = flag {
-                *field = v.clone();
-            }
-        }
         set(&mut c.train.epochs, &self.epochs);
-        set(&mut c.data.batch_size, &self.batch_size);
-        set(&mut c.model.backbone.architecture, &self.backbone);
-        set(&mut c.model.backbone.stem, &self.stem);
-        set(&mut c.model.backbone.width, &self.width);
-        set(&mut c.data.image_size, &self.image_size);
+        self.model.apply(&mut c);
         set(&mut c.data.train_limit, &self.train_limit);
         set(&mut c.train.seed, &self.seed);
         set(&mut c.optimizer.kind, &self.optimizer);
@@ -477,18 +486,7 @@ fn eval_knn(args: &KnnArgs) -> Result<()> {
 
 fn bench(args: &BenchArgs) -> Result<()> {
     let mut config = TrainConfig::preset(&args.preset)?;
-    if let Some(b) = args.backbone {
-        config.model.backbone.architecture = b;
-    }
-    if let Some(w) = args.width {
-        config.model.backbone.width = w;
-    }
-    if let Some(b) = args.batch_size {
-        config.data.batch_size = b;
-    }
-    if let Some(s) = args.image_size {
-        config.data.image_size = s;
-    }
+    args.model.apply(&mut config);
     config.validate()?;
     let reports = match args.kind {
         BenchKind::Train | BenchKind::Infer => {
