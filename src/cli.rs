@@ -44,6 +44,11 @@ pub enum Command {
     Data(DataCommand),
     /// Write a checkpoint's weights as safetensors under torchvision's ResNet names.
     Export(ExportArgs),
+    /// Re-draw a run's plots (kNN, loss, lr, tau) and print its per-epoch table.
+    Report {
+        /// Run directory (with metrics.jsonl).
+        run: PathBuf,
+    },
     /// Write a dataset's features as .npy (with labels .npy and a CSV of file paths).
     Embed(EmbedArgs),
 }
@@ -154,6 +159,31 @@ pub struct BenchArgs {
 pub enum EvalCommand {
     /// kNN accuracy of a checkpoint's features (cosine similarity, top-1 and top-5).
     Knn(KnnArgs),
+    /// Linear probe: softmax regression on frozen backbone features, test top-1 and top-5.
+    Linear(LinearArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LinearArgs {
+    /// A run directory, or a checkpoint directory inside one.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Dataset (image folder, CIFAR binaries, or a .tar.gz of one) with train and test splits.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Weight decays to pick from on a held-out tenth of the train split.
+    #[arg(long, value_delimiter = ',', default_value = "0,1e-5,1e-4,1e-3")]
+    pub weight_decays: Vec<f64>,
+    #[arg(long, value_enum, default_value = "backbone")]
+    pub features: Features,
+    #[arg(long, value_enum)]
+    pub device: Option<Backend>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -379,8 +409,29 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(EvalCommand::Knn(args)) => eval_knn(&args),
+        Command::Eval(EvalCommand::Linear(args)) => eval_linear(&args),
         Command::Bench(args) => bench(&args),
         Command::Export(args) => export(&args),
+        Command::Report { run } => {
+            let rows = crate::report::read_metrics(&run.join("metrics.jsonl"))?;
+            crate::report::plot_all(&run, &rows)?;
+            eprint!("{}", crate::report::summary_table(&rows));
+            let best = rows.iter().filter(|r| r.knn_top1.is_some()).max_by(|a, b| {
+                a.knn_top1
+                    .partial_cmp(&b.knn_top1)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            let last = rows.last();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "run": run, "epochs": last.map(|r| r.epoch), "loss": last.and_then(|r| r.loss),
+                    "knn_top1": last.and_then(|r| r.knn_top1), "best_knn_top1": best.and_then(|r| r.knn_top1),
+                    "best_epoch": best.map(|r| r.epoch),
+                })
+            );
+            Ok(())
+        }
         Command::Embed(args) => embed(&args),
         Command::Data(DataCommand::Preview {
             data,
@@ -651,6 +702,61 @@ fn embed(args: &EmbedArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"features": args.out, "labels": labels_path, "paths": csv_path, "rows": rows, "dim": dim})
+    );
+    Ok(())
+}
+
+fn eval_linear(args: &LinearArgs) -> Result<()> {
+    if args.epochs == 0 || args.batch_size == 0 || args.lr <= 0.0 || args.weight_decays.is_empty() {
+        anyhow::bail!(
+            "--epochs, --batch-size and --lr must be positive and --weight-decays non-empty"
+        );
+    }
+    let backend = args.device.unwrap_or_else(Backend::default_compiled);
+    let run = open_run(&args.checkpoint, &backend.training_device()?)?;
+    let source = Source::open(&args.data)?;
+    let size = run.config.data.image_size;
+    let (train, test) = (
+        source.load("train", size, false)?,
+        source.load("test", size, false)?,
+    );
+    let encoder = &run.byol.online.encoder;
+    let train_features = crate::eval::embed_encoder(encoder, &train, args.features);
+    let test_features = crate::eval::embed_encoder(encoder, &test, args.features);
+    let config = crate::eval::linear::LinearProbeConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weight_decays: args.weight_decays.clone(),
+        seed: run.config.train.seed,
+    };
+    let result = crate::eval::linear::linear_probe(
+        train_features,
+        &train.labels,
+        test_features,
+        &test.labels,
+        train.num_classes(),
+        &config,
+    );
+    eprintln!(
+        "linear probe of epoch {} ({:?} features):",
+        run.state.epoch, args.features
+    );
+    for (wd, acc) in &result.sweep {
+        eprintln!("  weight decay {wd:<8} held-out top-1 {:.2}%", 100.0 * acc);
+    }
+    eprintln!(
+        "  test top-1 {:.2}%  top-5 {:.2}%  (weight decay {})",
+        100.0 * result.top1,
+        100.0 * result.top5,
+        result.weight_decay
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "top1": result.top1, "top5": result.top5, "weight_decay": result.weight_decay,
+            "sweep": result.sweep, "epochs": args.epochs, "epoch": run.state.epoch, "features": args.features,
+        })
     );
     Ok(())
 }

@@ -161,12 +161,69 @@ pub fn plot_knn(path: &Path, rows: &[EpochMetrics]) -> Result<()> {
     )
 }
 
-pub fn plot_loss(path: &Path, rows: &[EpochMetrics]) -> Result<()> {
+/// One metric per epoch as a line chart.
+fn plot_metric(
+    path: &Path,
+    title: &str,
+    name: &str,
+    rows: &[EpochMetrics],
+    get: fn(&EpochMetrics) -> Option<f64>,
+) -> Result<()> {
     let points: Vec<(f64, f64)> = rows
         .iter()
-        .filter_map(|r| r.loss.map(|l| (r.epoch as f64, l)))
+        .filter_map(|r| get(r).map(|v| (r.epoch as f64, v)))
         .collect();
-    line_chart(path, "BYOL loss", "loss", &[("loss", RED, points)])
+    line_chart(path, title, name, &[(name, RED, points)])
+}
+
+pub fn plot_loss(path: &Path, rows: &[EpochMetrics]) -> Result<()> {
+    plot_metric(path, "BYOL loss", "loss", rows, |r| r.loss)
+}
+
+/// All of a run's plots: `knn.png`, `loss.png`, `lr.png`, `tau.png`.
+pub fn plot_all(run: &Path, rows: &[EpochMetrics]) -> Result<()> {
+    plot_knn(&run.join("knn.png"), rows)?;
+    plot_loss(&run.join("loss.png"), rows)?;
+    plot_metric(
+        &run.join("lr.png"),
+        "learning rate (last step of each epoch)",
+        "lr",
+        rows,
+        |r| r.lr,
+    )?;
+    plot_metric(
+        &run.join("tau.png"),
+        "EMA rate tau (last step of each epoch)",
+        "tau",
+        rows,
+        |r| r.tau,
+    )
+}
+
+/// A plain-text table of the run, one line per epoch.
+pub fn summary_table(rows: &[EpochMetrics]) -> String {
+    let cell = |v: Option<f64>, scale: f64, digits: usize| {
+        v.map_or("-".to_string(), |v| format!("{:.*}", digits, v * scale))
+    };
+    let header = [
+        "epoch", "step", "loss", "lr", "tau", "top-1%", "top-5%", "img/s", "seconds",
+    ];
+    let mut out = header.map(|h| format!("{h:>9}")).join("") + "\n";
+    for r in rows {
+        let cells = [
+            r.epoch.to_string(),
+            r.step.to_string(),
+            cell(r.loss, 1.0, 4),
+            r.lr.map_or("-".into(), |v| format!("{v:.2e}")),
+            cell(r.tau, 1.0, 4),
+            cell(r.knn_top1, 100.0, 2),
+            cell(r.knn_top5, 100.0, 2),
+            cell(r.images_per_sec, 1.0, 1),
+            cell(r.epoch_seconds, 1.0, 0),
+        ];
+        out += &(cells.map(|c| format!("{c:>9}")).join("") + "\n");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -183,15 +240,22 @@ mod tests {
                 loss: (e > 0).then_some(1.0 / e as f64),
                 knn_top1: Some(0.2 + 0.1 * e as f64),
                 knn_top5: Some(0.6 + 0.1 * e as f64),
+                lr: Some(0.1 / (e + 1) as f64),
+                tau: Some(0.99),
                 ..Default::default()
             })
             .collect();
         let path = dir.path().join("metrics.jsonl");
         write_metrics(&path, &rows).unwrap();
         assert_eq!(read_metrics(&path).unwrap(), rows);
-        plot_knn(&dir.path().join("knn.png"), &rows).unwrap();
-        plot_loss(&dir.path().join("loss.png"), &rows).unwrap();
-        for name in ["knn.png", "loss.png"] {
+        plot_all(dir.path(), &rows).unwrap();
+        let table = summary_table(&rows);
+        assert_eq!(table.lines().count(), 4);
+        assert!(
+            table.lines().nth(1).unwrap().contains("  -  ")
+                || table.lines().nth(1).unwrap().contains(" - ")
+        );
+        for name in ["knn.png", "loss.png", "lr.png", "tau.png"] {
             let img = image::open(dir.path().join(name)).unwrap();
             assert_eq!((img.width(), img.height()), (800, 500));
         }

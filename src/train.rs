@@ -12,7 +12,7 @@ use crate::eval::knn::{KnnAccuracy, knn_accuracy};
 use crate::io::{peak_rss_mib, write_atomic};
 use crate::loss::l2_normalize;
 use crate::model::byol::Byol;
-use crate::report::{EpochMetrics, plot_knn, plot_loss, read_metrics, write_metrics};
+use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
 use anyhow::{Context, Result, bail};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -387,9 +387,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             prune_snapshots(&checkpoints, config.train.keep_checkpoints)?;
         }
         write_metrics(&metrics_path, &rows)?;
-        if let Err(e) = plot_knn(&options.out.join("knn.png"), &rows)
-            .and_then(|_| plot_loss(&options.out.join("loss.png"), &rows))
-        {
+        if let Err(e) = plot_all(&options.out, &rows) {
             tracing::warn!("could not draw the plots: {e:#}");
         }
         if config.train.collapse_patience > 0

@@ -143,6 +143,29 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
     let many = eval(&["--k", "1,20", "--vote", "majority"]);
     assert_eq!(many["results"].as_array().unwrap().len(), 2);
     let cv = eval(&["--protocol", "cv5", "--k", "1"]);
+    let probe = Command::new(env!("CARGO_BIN_EXE_byol"))
+        .args(["eval", "linear", "--checkpoint"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&data)
+        .args(["--epochs", "5", "--weight-decays", "0,1e-4"])
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let probe: serde_json::Value = serde_json::from_str(
+        String::from_utf8(probe.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!((0.0..=1.0).contains(&probe["top1"].as_f64().unwrap()));
+    assert_eq!(probe["sweep"].as_array().unwrap().len(), 2);
     assert!((0.0..=1.0).contains(&cv["top1"].as_f64().unwrap()));
 
     // Export the backbone under torchvision's names, embed the test split, and start a new run

@@ -1,6 +1,7 @@
 //! Measuring representations: embeddings of a dataset and kNN accuracy on them.
 
 pub mod knn;
+pub mod linear;
 
 use crate::data::folder::Dataset;
 use crate::data::loader::plain_batch;
