@@ -134,9 +134,15 @@ pub struct OpenedRun {
     pub state: TrainingState,
 }
 
-/// Opens `path`: a run directory (with `config.toml` and `checkpoints/last/`) or a checkpoint
-/// directory inside one.
+/// Opens `path`: a run directory (with `config.toml` and `checkpoints/last/`), a checkpoint
+/// directory inside one, or a file in such a checkpoint directory.
 pub fn open_run(path: &Path, device: &Device) -> Result<OpenedRun> {
+    // A file inside a checkpoint directory (`online.bpk`, `state.json`) names that directory.
+    let path = if path.is_file() {
+        path.parent().unwrap_or(Path::new("."))
+    } else {
+        path
+    };
     let (config_path, checkpoint_dir) = if path.join("config.toml").is_file() {
         (
             path.join("config.toml"),

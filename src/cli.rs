@@ -621,6 +621,7 @@ fn export(args: &ExportArgs) -> Result<()> {
             format!("{:?}", c.model.backbone.stem).to_lowercase(),
         ),
         ("width".to_string(), c.model.backbone.width.to_string()),
+        ("preset".to_string(), c.based_on.clone()),
         (
             "part".to_string(),
             format!("{:?}", args.part).to_lowercase(),

@@ -13,6 +13,9 @@ use std::path::Path;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// The preset this configuration started from (empty for one written from scratch).
+    #[serde(default)]
+    pub based_on: String,
     pub model: ByolConfig,
     pub optimizer: OptimizerConfig,
     pub ema: EmaConfig,
@@ -99,7 +102,10 @@ impl TrainConfig {
             let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
             bail!("unknown preset `{name}` (available: {})", names.join(", "));
         };
-        Self::from_toml(text).with_context(|| format!("built-in preset `{name}`"))
+        let mut config =
+            Self::from_toml(text).with_context(|| format!("built-in preset `{name}`"))?;
+        config.based_on = name.to_string();
+        Ok(config)
     }
 
     pub fn from_toml(text: &str) -> Result<Self> {

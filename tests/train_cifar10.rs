@@ -141,6 +141,22 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
     assert_eq!(same["top1"].as_f64(), rows[2].knn_top1);
     assert_eq!(same["top5"].as_f64(), rows[2].knn_top5);
     let many = eval(&["--k", "1,20", "--vote", "majority"]);
+    let from_file = Command::new(env!("CARGO_BIN_EXE_byol"))
+        .args(["eval", "knn", "--checkpoint"])
+        .arg(out.join("checkpoints/last/online.bpk"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let from_file: serde_json::Value = serde_json::from_str(
+        String::from_utf8(from_file.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(from_file["top1"], same["top1"]);
     assert_eq!(many["results"].as_array().unwrap().len(), 2);
     let cv = eval(&["--protocol", "cv5", "--k", "1"]);
     let probe = Command::new(env!("CARGO_BIN_EXE_byol"))
@@ -193,6 +209,14 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
         weights.to_str().unwrap(),
     ]);
     assert_eq!(exported["tensors"], 100);
+    let bytes = std::fs::read(&weights).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    for (key, value) in [("backbone", "resnet18"), ("stem", "cifar"), ("width", "0.125"), ("preset", "seed"), ("epoch", "2")] {
+        assert_eq!(meta.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(file.tensor("layer2.0.downsample.0.weight").unwrap().shape(), &[16, 8, 1, 1]);
     let features = work.path().join("emb.npy");
     let embedded = byol(&[
         "embed",
