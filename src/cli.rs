@@ -293,6 +293,9 @@ pub struct TrainArgs {
     pub device: Option<Backend>,
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Sum the gradients of N batches into each optimizer step (effective batch N x batch size).
+    #[arg(long)]
+    pub accumulate: Option<usize>,
     #[command(flatten)]
     pub model: ModelFlags,
     /// Train on a class-balanced subset of this many images.
@@ -346,6 +349,7 @@ impl TrainArgs {
             None => TrainConfig::preset(&self.preset)?,
         };
         set(&mut c.train.epochs, &self.epochs);
+        set(&mut c.train.accumulate, &self.accumulate);
         self.model.apply(&mut c);
         set(&mut c.data.train_limit, &self.train_limit);
         set(&mut c.train.seed, &self.seed);

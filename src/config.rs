@@ -54,6 +54,11 @@ pub struct DataConfig {
 pub struct LoopConfig {
     pub epochs: usize,
     pub seed: u64,
+    /// Batches whose gradients are summed into one optimizer step (and one EMA update), for
+    /// an effective batch of `batch_size x accumulate` where memory holds only `batch_size`.
+    /// BatchNorm still sees each batch on its own.
+    #[serde(default = "default_accumulate")]
+    pub accumulate: usize,
     /// Also keep a snapshot `checkpoints/epoch-NNNN` every this many epochs (0: only `last`).
     #[serde(default)]
     pub checkpoint_every: usize,
@@ -69,6 +74,9 @@ pub struct LoopConfig {
     pub collapse_patience: usize,
 }
 
+fn default_accumulate() -> usize {
+    1
+}
 fn default_keep() -> usize {
     3
 }
@@ -171,6 +179,7 @@ impl TrainConfig {
             "at least 2 (BatchNorm needs a batch)",
         )?;
         check(self.train.epochs >= 1, "train.epochs", "at least 1")?;
+        check(self.train.accumulate >= 1, "train.accumulate", "at least 1")?;
         check(self.knn.k >= 1, "knn.k", "at least 1")?;
         check(self.knn.temperature > 0.0, "knn.temperature", "positive")?;
         self.optimizer.validate()?;

@@ -14,7 +14,7 @@ use crate::loss::l2_normalize;
 use crate::model::byol::Byol;
 use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
 use anyhow::{Context, Result, bail};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -194,10 +194,13 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
     )?;
     let data = load_data(config, &options.data)?;
     let batch_size = config.data.batch_size;
-    let steps_per_epoch = EpochLoader::batches_per_epoch(data.train.len(), batch_size);
+    let accumulate = config.train.accumulate.max(1);
+    // Optimizer steps per epoch, each over `accumulate` batches; the batches used per epoch.
+    let steps_per_epoch = EpochLoader::batches_per_epoch(data.train.len(), batch_size) / accumulate;
+    let batches_per_epoch = steps_per_epoch * accumulate;
     if steps_per_epoch == 0 {
         bail!(
-            "--batch-size {batch_size} is larger than the {} training images",
+            "--batch-size {batch_size} x --accumulate {accumulate} is larger than the {} training images",
             data.train.len()
         );
     }
@@ -272,10 +275,12 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             prefetch: 2,
         };
         let loader = EpochLoader::start(data.train.clone(), config.data.augment.clone(), spec);
-        let bar = progress_bar(options.progress, steps_per_epoch, epoch, epochs);
+        let bar = progress_bar(options.progress, batches_per_epoch, epoch, epochs);
         bar.set_position(state.batch_in_epoch as u64);
         let (mut lr, mut tau, mut timed_batches) = (0.0, 0.0, 0usize);
-        for batch in loader {
+        let mut accumulated = GradientsAccumulator::new();
+        let remaining = batches_per_epoch.saturating_sub(state.batch_in_epoch);
+        for batch in loader.take(remaining) {
             lr = config
                 .optimizer
                 .lr_at(batch_size, state.step, steps_per_epoch, total_steps);
@@ -303,22 +308,35 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                     last.display()
                 );
             }
-            let grads = GradientsParams::from_grads(output.loss.backward(), &byol.online);
-            byol.online = optimizer.step(lr, byol.online, grads);
-            byol = byol.update_target(tau, config.ema.average_bn_stats);
+            // Each of the `accumulate` batches contributes its share of the step's gradient.
+            let scaled = output.loss.div_scalar(accumulate as f64);
+            let grads = GradientsParams::from_grads(scaled.backward(), &byol.online);
             state.loss_sum += loss;
             state.projection_std_sum += projection_std(output.online_projection);
-            state.step += 1;
             state.batch_in_epoch += 1;
+            let grads = if accumulate == 1 {
+                grads
+            } else {
+                accumulated.accumulate(&byol.online, grads);
+                if !state.batch_in_epoch.is_multiple_of(accumulate) {
+                    timed_batches += 1;
+                    bar.inc(1);
+                    continue;
+                }
+                accumulated.grads()
+            };
+            byol.online = optimizer.step(lr, byol.online, grads);
+            byol = byol.update_target(tau, config.ema.average_bn_stats);
+            state.step += 1;
             timed_batches += 1;
             bar.inc(1);
             let rate = (timed_batches * batch_size) as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!("loss {loss:.4} | {rate:.1} img/s"));
-            if options.stop.load(Ordering::Relaxed) && state.batch_in_epoch < steps_per_epoch {
+            if options.stop.load(Ordering::Relaxed) && state.batch_in_epoch < batches_per_epoch {
                 bar.finish_and_clear();
                 checkpoint::save(&last, &byol, &optimizer, &state)?;
                 tracing::warn!(
-                    "stopped at epoch {epoch}, batch {}/{steps_per_epoch}; continue with `byol train --resume --out {}`",
+                    "stopped at epoch {epoch}, batch {}/{batches_per_epoch}; continue with `byol train --resume --out {}`",
                     state.batch_in_epoch,
                     options.out.display()
                 );
@@ -335,7 +353,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         } else {
             None
         };
-        let std = state.projection_std_sum / steps_per_epoch as f64;
+        let std = state.projection_std_sum / batches_per_epoch as f64;
         let collapsed = std * projection_dim.sqrt() < config.train.collapse_threshold;
         state.low_std_epochs = if collapsed {
             state.low_std_epochs + 1
@@ -345,7 +363,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         let row = EpochMetrics {
             epoch,
             step: state.step,
-            loss: Some(state.loss_sum / steps_per_epoch as f64),
+            loss: Some(state.loss_sum / batches_per_epoch as f64),
             lr: Some(lr),
             tau: Some(tau),
             knn_top1: knn.map(|a| a.top1),

@@ -87,3 +87,33 @@ fn resume_without_a_checkpoint_and_a_second_run_in_the_same_dir_are_refused() {
         .unwrap();
     assert!(format!("{err:#}").contains("--overwrite"), "{err:#}");
 }
+
+#[test]
+fn gradient_accumulation_steps_once_per_n_batches_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_images(&data);
+    let accumulating = |epochs| {
+        let mut c = config(epochs);
+        c.data.batch_size = 4;
+        c.train.accumulate = 2;
+        c
+    };
+    // 24 images in batches of 4: 6 batches, 3 optimizer steps per epoch.
+    let straight = dir.path().join("straight");
+    let result = train(&accumulating(2), &options(&data, &straight, false, false)).unwrap();
+    assert_eq!(
+        result.rows.iter().map(|r| r.step).collect::<Vec<_>>(),
+        vec![0, 3, 6]
+    );
+
+    let stopped = dir.path().join("stopped");
+    assert!(
+        train(&accumulating(2), &options(&data, &stopped, false, true))
+            .unwrap()
+            .interrupted
+    );
+    train(&accumulating(2), &options(&data, &stopped, true, false)).unwrap();
+    assert_eq!(weights(&stopped), weights(&straight));
+    assert_eq!(losses(&stopped), losses(&straight));
+}

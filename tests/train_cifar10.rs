@@ -212,11 +212,20 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
     let bytes = std::fs::read(&weights).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().clone().unwrap();
-    for (key, value) in [("backbone", "resnet18"), ("stem", "cifar"), ("width", "0.125"), ("preset", "seed"), ("epoch", "2")] {
+    for (key, value) in [
+        ("backbone", "resnet18"),
+        ("stem", "cifar"),
+        ("width", "0.125"),
+        ("preset", "seed"),
+        ("epoch", "2"),
+    ] {
         assert_eq!(meta.get(key).map(String::as_str), Some(value), "{key}");
     }
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(file.tensor("layer2.0.downsample.0.weight").unwrap().shape(), &[16, 8, 1, 1]);
+    assert_eq!(
+        file.tensor("layer2.0.downsample.0.weight").unwrap().shape(),
+        &[16, 8, 1, 1]
+    );
     let features = work.path().join("emb.npy");
     let embedded = byol(&[
         "embed",
