@@ -45,6 +45,21 @@ fn small_cifar10(dest: &Path, train: usize, test: usize) -> PathBuf {
     root
 }
 
+/// Runs `byol ARGS`, asserts success and returns its last stdout line as JSON.
+fn byol(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_byol"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
 #[derive(serde::Deserialize)]
 struct Row {
     epoch: usize,
@@ -118,88 +133,65 @@ fn train_two_epochs_on_real_cifar10_writes_the_run_and_the_loss_falls() {
     let (first, last) = (rows[1].loss.unwrap(), rows[2].loss.unwrap());
     assert!(last < first, "loss did not fall: {first} -> {last}");
 
-    // `byol eval knn` on the checkpoint reproduces the monitor's last measurement, and takes
-    // several k and the article's cross-validated protocol.
-    let eval = |extra: &[&str]| -> serde_json::Value {
-        let output = Command::new(env!("CARGO_BIN_EXE_byol"))
-            .args(["eval", "knn", "--checkpoint"])
-            .arg(&out)
-            .arg("--data")
-            .arg(&data)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-    };
-    let same = eval(&[]);
+    // `byol eval knn` on the checkpoint reproduces the monitor's last measurement, from the run
+    // directory or a file of its checkpoint, and takes several k and the article's protocol.
+    let (out_s, data_s) = (out.to_str().unwrap(), data.to_str().unwrap());
+    let same = byol(&["eval", "knn", "--checkpoint", out_s, "--data", data_s]);
     assert_eq!(same["top1"].as_f64(), rows[2].knn_top1);
     assert_eq!(same["top5"].as_f64(), rows[2].knn_top5);
-    let many = eval(&["--k", "1,20", "--vote", "majority"]);
-    let from_file = Command::new(env!("CARGO_BIN_EXE_byol"))
-        .args(["eval", "knn", "--checkpoint"])
-        .arg(out.join("checkpoints/last/online.bpk"))
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
-    let from_file: serde_json::Value = serde_json::from_str(
-        String::from_utf8(from_file.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let online_file = out.join("checkpoints/last/online.bpk");
+    let from_file = byol(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        online_file.to_str().unwrap(),
+        "--data",
+        data_s,
+    ]);
     assert_eq!(from_file["top1"], same["top1"]);
+    let many = byol(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        out_s,
+        "--data",
+        data_s,
+        "--k",
+        "1,20",
+        "--vote",
+        "majority",
+    ]);
     assert_eq!(many["results"].as_array().unwrap().len(), 2);
-    let cv = eval(&["--protocol", "cv5", "--k", "1"]);
-    let probe = Command::new(env!("CARGO_BIN_EXE_byol"))
-        .args(["eval", "linear", "--checkpoint"])
-        .arg(&out)
-        .arg("--data")
-        .arg(&data)
-        .args(["--epochs", "5", "--weight-decays", "0,1e-4"])
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let probe: serde_json::Value = serde_json::from_str(
-        String::from_utf8(probe.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let cv = byol(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        out_s,
+        "--data",
+        data_s,
+        "--protocol",
+        "cv5",
+        "--k",
+        "1",
+    ]);
+    assert!((0.0..=1.0).contains(&cv["top1"].as_f64().unwrap()));
+    let probe = byol(&[
+        "eval",
+        "linear",
+        "--checkpoint",
+        out_s,
+        "--data",
+        data_s,
+        "--epochs",
+        "5",
+        "--weight-decays",
+        "0,1e-4",
+    ]);
     assert!((0.0..=1.0).contains(&probe["top1"].as_f64().unwrap()));
     assert_eq!(probe["sweep"].as_array().unwrap().len(), 2);
-    assert!((0.0..=1.0).contains(&cv["top1"].as_f64().unwrap()));
 
-    // Export the backbone under torchvision's names, embed the test split, and start a new run
+    // Export the backbone under torchvision's names, embed both splits, and start a new run
     // from the exported weights.
-    let byol = |args: &[&str]| -> serde_json::Value {
-        let output = Command::new(env!("CARGO_BIN_EXE_byol"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-    };
-    let (out_s, data_s) = (out.to_str().unwrap(), data.to_str().unwrap());
     let weights = work.path().join("backbone.safetensors");
     let exported = byol(&[
         "export",
