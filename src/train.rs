@@ -233,7 +233,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         let baseline = monitor_knn(&byol, config, &data);
         if let Some(acc) = baseline {
             tracing::info!(
-                "epoch 0 (random weights): kNN top-1 {:.2}% top-5 {:.2}%",
+                "epoch 0 (before training): kNN top-1 {:.2}% top-5 {:.2}%",
                 100.0 * acc.top1,
                 100.0 * acc.top5
             );
