@@ -6,7 +6,8 @@
 //! small sweep on a held-out tenth of the training features, then the classifier is retrained
 //! on all of them.
 
-use burn::tensor::{Int, Tensor, TensorData, activation::softmax};
+use super::select_rows;
+use burn::tensor::{Tensor, TensorData, activation::softmax};
 use serde::Serialize;
 
 /// Settings of one probe.
@@ -47,15 +48,6 @@ fn one_hot(labels: &[usize], classes: usize, device: &burn::tensor::Device) -> T
         data[i * classes + l] = 1.0;
     }
     Tensor::from_data(TensorData::new(data, [labels.len(), classes]), device)
-}
-
-fn rows(x: &Tensor<2>, idx: &[usize]) -> Tensor<2> {
-    let ids = TensorData::new(
-        idx.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-        [idx.len()],
-    );
-    x.clone()
-        .select(0, Tensor::<1, Int>::from_data(ids, &x.device()))
 }
 
 /// A trained linear classifier.
@@ -111,7 +103,7 @@ fn train_classifier(
         for chunk in order.chunks(config.batch_size) {
             let lr =
                 config.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
-            let (xb, yb) = (rows(x, chunk), rows(&y, chunk));
+            let (xb, yb) = (select_rows(x, chunk), select_rows(&y, chunk));
             let probs = softmax(
                 xb.clone().matmul(weight.clone()) + bias.clone().unsqueeze(),
                 1,
@@ -160,8 +152,9 @@ pub fn linear_probe(
             .weight_decays
             .iter()
             .map(|&wd| {
-                let c = train_classifier(&rows(&train, &fit), &pick(&fit), classes, wd, config);
-                (wd, c.accuracy(rows(&train, &held), &pick(&held)).0)
+                let c =
+                    train_classifier(&select_rows(&train, &fit), &pick(&fit), classes, wd, config);
+                (wd, c.accuracy(select_rows(&train, &held), &pick(&held)).0)
             })
             .collect()
     } else {
@@ -211,9 +204,9 @@ mod tests {
             ..Default::default()
         };
         let result = linear_probe(
-            rows(&x, &(0..200).collect::<Vec<_>>()),
+            select_rows(&x, &(0..200).collect::<Vec<_>>()),
             &labels[..200],
-            rows(&x, &(200..300).collect::<Vec<_>>()),
+            select_rows(&x, &(200..300).collect::<Vec<_>>()),
             &labels[200..],
             3,
             &config,
@@ -234,9 +227,9 @@ mod tests {
             ..Default::default()
         };
         let result = linear_probe(
-            rows(&x, &(0..300).collect::<Vec<_>>()),
+            select_rows(&x, &(0..300).collect::<Vec<_>>()),
             &labels[..300],
-            rows(&x, &(300..400).collect::<Vec<_>>()),
+            select_rows(&x, &(300..400).collect::<Vec<_>>()),
             &labels[300..],
             4,
             &config,

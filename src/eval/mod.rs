@@ -58,6 +58,16 @@ fn embed_with<M: Module>(
     Tensor::cat(chunks, 0)
 }
 
+/// The rows `idx` of `x`, in that order.
+pub fn select_rows(x: &Tensor<2>, idx: &[usize]) -> Tensor<2> {
+    let ids = TensorData::new(
+        idx.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+        [idx.len()],
+    );
+    x.clone()
+        .select(0, Tensor::<1, Int>::from_data(ids, &x.device()))
+}
+
 /// Stratified k-fold split in dataset order, as scikit-learn's unshuffled `StratifiedKFold`
 /// does it in spirit: each class's members, in order, cut into `folds` near-equal runs.
 /// Returns the fold of every sample.
@@ -119,18 +129,13 @@ pub fn knn_cross_validated(
     temperature: f64,
 ) -> Vec<KnnAccuracy> {
     let all = embed_encoder(encoder, data, features);
-    let device = all.device();
     let fold_of = stratified_folds(&data.labels, folds);
     let rows = |keep: &dyn Fn(usize) -> bool| -> (Tensor<2>, Vec<usize>) {
         let idx: Vec<usize> = (0..data.len()).filter(|&i| keep(fold_of[i])).collect();
-        let ids = TensorData::new(
-            idx.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [idx.len()],
-        );
-        let picked = all
-            .clone()
-            .select(0, Tensor::<1, Int>::from_data(ids, &device));
-        (picked, idx.iter().map(|&i| data.labels[i]).collect())
+        (
+            select_rows(&all, &idx),
+            idx.iter().map(|&i| data.labels[i]).collect(),
+        )
     };
     let mut sums = vec![
         KnnAccuracy {
