@@ -58,6 +58,31 @@ pub struct BenchReport {
     pub threads: usize,
 }
 
+impl BenchReport {
+    /// Throughput from the median step of `batch` images, and GFLOP/s when the FLOPs per image
+    /// are known.
+    fn new(
+        bench: &'static str,
+        batch: usize,
+        image_size: usize,
+        timing: Timing,
+        flops_per_image: Option<f64>,
+        threads: usize,
+    ) -> Self {
+        let images_per_sec = batch as f64 / timing.median_s;
+        BenchReport {
+            bench,
+            batch_size: batch,
+            image_size,
+            images_per_sec,
+            gflops_per_sec: flops_per_image.map(|f| images_per_sec * f / 1e9),
+            timing,
+            peak_rss_mib: peak_rss_mib(),
+            threads,
+        }
+    }
+}
+
 fn random_views(batch: usize, size: usize, device: &Device) -> Tensor<4> {
     Tensor::random(
         [batch, 3, size, size],
@@ -95,17 +120,15 @@ pub fn bench_train(
         let _ = next.target.projector.linear2.weight.val().into_data();
         byol = Some(next);
     });
-    let images_per_sec = batch as f64 / timing.median_s;
-    BenchReport {
-        bench: "train",
-        batch_size: batch,
-        image_size: size,
-        images_per_sec,
-        gflops_per_sec: Some(images_per_sec * config.model.step_flops(size) / 1e9),
+    let flops = config.model.step_flops(size);
+    BenchReport::new(
+        "train",
+        batch,
+        size,
         timing,
-        peak_rss_mib: peak_rss_mib(),
-        threads: rayon::current_num_threads(),
-    }
+        Some(flops),
+        rayon::current_num_threads(),
+    )
 }
 
 /// Backbone forward in eval mode (what kNN, embedding and deployment run).
@@ -128,17 +151,15 @@ pub fn bench_infer(
         let features = backbone.forward(random_views(batch, size, &inference));
         let _ = features.into_data();
     });
-    let images_per_sec = batch as f64 / timing.median_s;
-    BenchReport {
-        bench: "infer",
-        batch_size: batch,
-        image_size: size,
-        images_per_sec,
-        gflops_per_sec: Some(images_per_sec * config.model.backbone.forward_flops(size) / 1e9),
+    let flops = config.model.backbone.forward_flops(size);
+    BenchReport::new(
+        "infer",
+        batch,
+        size,
         timing,
-        peak_rss_mib: peak_rss_mib(),
-        threads: rayon::current_num_threads(),
-    }
+        Some(flops),
+        rayon::current_num_threads(),
+    )
 }
 
 /// Two augmented views per image, normalised into batch buffers, on `threads` threads
@@ -182,16 +203,14 @@ pub fn bench_data(
             step += 1;
         })
     });
-    BenchReport {
-        bench: "data",
-        batch_size: batch,
-        image_size: dataset.size,
-        images_per_sec: batch as f64 / timing.median_s,
-        gflops_per_sec: None,
+    BenchReport::new(
+        "data",
+        batch,
+        dataset.size,
         timing,
-        peak_rss_mib: peak_rss_mib(),
-        threads: pool.current_num_threads(),
-    }
+        None,
+        pool.current_num_threads(),
+    )
 }
 
 fn random_dataset(len: usize, size: usize) -> Dataset {
