@@ -121,9 +121,9 @@ pub fn load(dir: &Path, config: &ByolConfig, device: &Device) -> Result<(Byol, T
             .with_context(|| format!("cannot read {}", state_path.display()))?,
     )
     .with_context(|| format!("invalid {}", state_path.display()))?;
-    let fresh = config.init(device, 0);
-    let online: OnlineNetwork = load_module(fresh.online, &dir.join(ONLINE))?;
-    let target: Encoder = load_module(fresh.target, &dir.join(TARGET))?.no_grad();
+    // Networks of the right shape, never initialised: the records fill every parameter.
+    let online: OnlineNetwork = load_module(config.init_online(device), &dir.join(ONLINE))?;
+    let target: Encoder = load_module(config.init_encoder(device), &dir.join(TARGET))?.no_grad();
     Ok((Byol { online, target }, state))
 }
 

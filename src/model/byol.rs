@@ -54,7 +54,17 @@ pub struct Byol {
 }
 
 impl ByolConfig {
-    fn init_encoder(&self, device: &Device) -> Encoder {
+    /// An online network of this shape; its weights are drawn lazily unless a record is
+    /// loaded first.
+    pub fn init_online(&self, device: &Device) -> OnlineNetwork {
+        OnlineNetwork {
+            encoder: self.init_encoder(device),
+            predictor: self.predictor.init(self.projector.output_dim, device),
+        }
+    }
+
+    /// An encoder of this shape; its weights are drawn lazily unless a record is loaded first.
+    pub fn init_encoder(&self, device: &Device) -> Encoder {
         Encoder {
             backbone: self.backbone.init(device),
             projector: self.projector.init(self.backbone.feature_dim(), device),
@@ -71,10 +81,7 @@ impl ByolConfig {
         static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         device.seed(seed);
-        let online = OnlineNetwork {
-            encoder: self.init_encoder(device),
-            predictor: self.predictor.init(self.projector.output_dim, device),
-        };
+        let online = self.init_online(device);
         super::materialize(&online);
         let target = self.target_copy(&online.encoder, device);
         Byol { online, target }
