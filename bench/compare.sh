@@ -2,6 +2,7 @@
 # Runs `byol bench train` and bench/pytorch_byol.py alternately on the same model and batch,
 # and prints each side's img/s and the ratio. A benchmark, not a test: CI does not run it.
 #   bench/compare.sh [--width 0.25] [--batch-size 128] [--rounds 3] [--steps 5]
+# PYTHON=/path/to/venv/bin/python picks the interpreter that has torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 width=1.0 batch=128 rounds=3 steps=5
@@ -19,7 +20,7 @@ byol=target/release/byol
 ours=() theirs=()
 for _ in $(seq "$rounds"); do
   ours+=("$($byol bench train --width "$width" --batch-size "$batch" --steps "$steps" 2>/dev/null | tail -1)")
-  theirs+=("$(python3 bench/pytorch_byol.py --width "$width" --batch-size "$batch" --steps "$steps" | tail -1)")
+  theirs+=("$("${PYTHON:-python3}" bench/pytorch_byol.py --width "$width" --batch-size "$batch" --steps "$steps" | tail -1)")
 done
 python3 - "$width" "$batch" "${ours[@]}" --- "${theirs[@]}" <<'PY'
 import json, statistics, sys

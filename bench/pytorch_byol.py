@@ -1,10 +1,10 @@
 """The BYOL training step of `byol bench train`, in PyTorch, for a side-by-side comparison.
 
-Same model (torchvision ResNet with the CIFAR stem, projector Linear-BN-ReLU-Linear, predictor
+Same model (ResNet-18 as torchvision's, with the CIFAR stem, projector Linear-BN-ReLU-Linear, predictor
 Linear-ReLU-Linear as the `seed` preset), same step (online forward and backward on both views,
 target forward on both, Adam, EMA), random images. Prints one JSON line like `byol bench train`.
 
-    pip install torch torchvision
+    pip install torch
     python bench/pytorch_byol.py --width 1.0 --batch-size 128 --steps 10
 """
 
@@ -17,7 +17,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -30,26 +29,40 @@ def mlp(dim, hidden, out, batch_norm):
     )
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (written out so that only `torch` is needed)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity, inplace=True)
+
+
 def backbone(width):
-    net = torchvision.models.resnet18(num_classes=10, width_per_group=64)
-    if width != 1.0:
-        # Scale every stage like byol's --width (torchvision has no width multiplier).
-        base = max(1, round(64 * width))
-        net = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
-        net.inplanes = base
-        net.conv1 = nn.Conv2d(3, base, 3, 1, 1, bias=False)
-        net.bn1 = nn.BatchNorm2d(base)
-        net.layer1 = net._make_layer(torchvision.models.resnet.BasicBlock, base, 2)
-        net.layer2 = net._make_layer(torchvision.models.resnet.BasicBlock, base * 2, 2, stride=2)
-        net.layer3 = net._make_layer(torchvision.models.resnet.BasicBlock, base * 4, 2, stride=2)
-        net.layer4 = net._make_layer(torchvision.models.resnet.BasicBlock, base * 8, 2, stride=2)
-        net.fc = nn.Identity()
-        net.maxpool = nn.Identity()
-        return net, base * 8
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net, 512
+    """ResNet-18 with the CIFAR stem (3x3 conv1, stride 1, no max-pool), fc removed; every
+    stage's channels scaled by `width` as byol's --width."""
+    base = max(1, round(64 * width))
+    layers = [nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU(inplace=True)]
+    cin = base
+    for i, stride in enumerate([1, 2, 2, 2]):
+        cout = base * 2**i
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), cin
 
 
 def loss_fn(p, z):

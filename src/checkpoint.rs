@@ -70,6 +70,7 @@ pub fn save(
     let old = dir.with_file_name(format!("{name}.old"));
     let _ = std::fs::remove_dir_all(&staging);
     save_module(&byol.online, &staging.join(ONLINE))?;
+    pause_for_crash_tests("staging");
     save_module(&byol.target, &staging.join(TARGET))?;
     let optimizer_bytes = optimizer
         .into_bytes()
@@ -84,10 +85,22 @@ pub fn save(
         std::fs::rename(dir, &old)
             .with_context(|| format!("cannot move {} aside", dir.display()))?;
     }
+    pause_for_crash_tests("renaming");
     std::fs::rename(&staging, dir)
         .with_context(|| format!("cannot move the new checkpoint to {}", dir.display()))?;
+    crate::io::sync_dir(dir.parent().unwrap_or(Path::new(".")));
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// Crash-test hook: with `BYOL_TEST_CHECKPOINT_PAUSE=staging` (half the files written) or
+/// `=renaming` (the old checkpoint moved aside, the new one not yet in place), a save says so
+/// on stderr and waits, so a test can `kill -9` the process at that point.
+fn pause_for_crash_tests(stage: &str) {
+    if std::env::var("BYOL_TEST_CHECKPOINT_PAUSE").is_ok_and(|s| s == stage) {
+        eprintln!("checkpoint save paused at {stage}");
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
 }
 
 /// `dir`, or the previous checkpoint left at `dir.old` by a save that died between its renames.

@@ -2,7 +2,8 @@
 
 use crate::checkpoint::open_run;
 use crate::config::{PRESETS, TrainConfig};
-use crate::data::Source;
+use crate::data::download::KnownDataset;
+use crate::data::{Format, Source};
 use crate::device::Backend;
 use crate::eval::knn::Vote;
 use crate::eval::{Features, knn_cross_validated, knn_train_test};
@@ -87,9 +88,8 @@ pub struct EmbedArgs {
     /// A run directory, or a checkpoint directory inside one.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Dataset (image folder, CIFAR binaries, or a .tar.gz of one) with train and test splits.
-    #[arg(long)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub data: DataFlags,
     #[arg(long, value_enum, default_value = "test")]
     pub split: Split,
     /// Features file (.npy); labels go to `<stem>_labels.npy`, paths to `<stem>_paths.csv`.
@@ -103,11 +103,25 @@ pub struct EmbedArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DataCommand {
+    /// Download the official binary archive, check its MD5 and unpack it (resumes a broken
+    /// transfer; an archive already in --dir is used without the network).
+    Download {
+        #[arg(value_enum)]
+        dataset: KnownDataset,
+        /// Folder to put it in (default: $BYOL_DATA, else ~/.cache/byol).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A mirror of the archive instead of the official address.
+        #[arg(long)]
+        url: Option<String>,
+        /// The archive's MD5 when the mirror's differs from the published one.
+        #[arg(long)]
+        md5: Option<String>,
+    },
     /// A PNG grid of original / view 1 / view 2 for a few training images.
     Preview {
-        /// Dataset (image folder, CIFAR binaries, unlabeled folder, or a .tar.gz of one).
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        data: DataFlags,
         #[arg(long, default_value = "preview.png")]
         out: PathBuf,
         /// Recipe whose augmentations are shown.
@@ -150,7 +164,7 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum)]
     pub device: Option<Backend>,
-    /// `data` only: augment these images (an image folder or .tar.gz) instead of random ones.
+    /// `data` only: augment these images (any `--data` layout) instead of random ones.
     #[arg(long)]
     pub data: Option<PathBuf>,
 }
@@ -168,9 +182,8 @@ pub struct LinearArgs {
     /// A run directory, or a checkpoint directory inside one.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Dataset (image folder, CIFAR binaries, or a .tar.gz of one) with train and test splits.
-    #[arg(long)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub data: DataFlags,
     #[arg(long, default_value_t = 100)]
     pub epochs: usize,
     #[arg(long, default_value_t = 0.1)]
@@ -199,9 +212,8 @@ pub struct KnnArgs {
     /// A run directory, or a checkpoint directory inside one.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Dataset (image folder, CIFAR binaries, or a .tar.gz of one) with train and test splits.
-    #[arg(long)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub data: DataFlags,
     /// Neighbours; a list evaluates every k from one embedding pass.
     #[arg(long, value_delimiter = ',', default_value = "200")]
     pub k: Vec<usize>,
@@ -228,6 +240,39 @@ pub enum ConfigCommand {
     List,
 }
 
+/// Where the images come from, shared by every command that reads a dataset.
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("source").args(["data", "dataset"]).required(true)))]
+pub struct DataFlags {
+    /// Image folder `DIR/{train,test}/<class>/*.jpg`, CIFAR-10/100 binaries, an unlabeled image
+    /// folder, or a `.tar.gz` of one (unpacked once into $BYOL_DATA, else ~/.cache/byol).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A dataset by name, downloaded into $BYOL_DATA (else ~/.cache/byol) when absent.
+    #[arg(long, value_enum)]
+    pub dataset: Option<KnownDataset>,
+    /// Data layout, instead of detecting it.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: Format,
+}
+
+impl DataFlags {
+    pub fn source(&self) -> Result<Source> {
+        match (&self.data, self.dataset) {
+            (Some(path), _) => Source::open_as(path, self.format),
+            (None, Some(dataset)) => {
+                let dir = crate::data::download::fetch(
+                    &dataset.remote(),
+                    &crate::data::archive::cache_dir(),
+                    std::io::stderr().is_terminal(),
+                )?;
+                Source::open_as(&dir, self.format)
+            }
+            (None, None) => anyhow::bail!("pass --data DIR or --dataset NAME"),
+        }
+    }
+}
+
 /// Model and batch shape flags shared by `train` and `bench`.
 #[derive(Args, Debug)]
 pub struct ModelFlags {
@@ -243,6 +288,9 @@ pub struct ModelFlags {
     /// Images are resized to this square side.
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Drop the predictor (the paper's ablation; collapses unless the target moves slowly).
+    #[arg(long)]
+    pub no_predictor: bool,
 }
 
 /// Overwrites `field` with the flag's value when the flag was given.
@@ -259,15 +307,14 @@ impl ModelFlags {
         set(&mut c.model.backbone.stem, &self.stem);
         set(&mut c.model.backbone.width, &self.width);
         set(&mut c.data.image_size, &self.image_size);
+        c.model.use_predictor &= !self.no_predictor;
     }
 }
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Image folder `DIR/{train,test}/<class>/*.jpg`, CIFAR-10/100 binaries, an unlabeled image
-    /// folder, or a `.tar.gz` of one (unpacked once into $BYOL_DATA, else ~/.cache/byol).
-    #[arg(long)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub data: DataFlags,
     /// Run directory: config.toml, metrics.jsonl, knn.png, loss.png, checkpoints/last.
     #[arg(long, default_value = "runs/byol")]
     pub out: PathBuf,
@@ -373,7 +420,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let config = args.resolve_config()?;
             let backend = args.device.unwrap_or_else(Backend::default_compiled);
             let options = RunOptions {
-                data: args.data.clone(),
+                data: args.data.source()?,
                 out: args.out.clone(),
                 device: backend.training_device()?,
                 overwrite: args.overwrite,
@@ -437,6 +484,23 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Embed(args) => embed(&args),
+        Command::Data(DataCommand::Download {
+            dataset,
+            dir,
+            url,
+            md5,
+        }) => {
+            let mut remote = dataset.remote();
+            set(&mut remote.url, &url);
+            set(&mut remote.md5, &md5);
+            let dir = dir.unwrap_or_else(crate::data::archive::cache_dir);
+            let folder =
+                crate::data::download::fetch(&remote, &dir, std::io::stderr().is_terminal())?;
+            let source = Source::open_as(&folder, Format::Cifar)?;
+            eprintln!("{}", source.describe());
+            println!("{}", serde_json::json!({ "dataset": folder }));
+            Ok(())
+        }
         Command::Data(DataCommand::Preview {
             data,
             out,
@@ -446,7 +510,7 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
         }) => {
             let config = TrainConfig::preset(&preset)?;
-            let train = Source::open(&data)?.load("train", config.data.image_size, true)?;
+            let train = data.source()?.load("train", config.data.image_size, true)?;
             let grid = crate::data::preview::preview_grid(
                 &train,
                 &config.data.augment,
@@ -486,7 +550,7 @@ fn eval_knn(args: &KnnArgs) -> Result<()> {
     }
     let backend = args.device.unwrap_or_else(Backend::default_compiled);
     let run = open_run(&args.checkpoint, &backend.training_device()?)?;
-    let source = Source::open(&args.data)?;
+    let source = args.data.source()?;
     let size = run.config.data.image_size;
     let test = source.load("test", size, false)?;
     let encoder = &run.byol.online.encoder;
@@ -651,7 +715,7 @@ fn export(args: &ExportArgs) -> Result<()> {
 fn embed(args: &EmbedArgs) -> Result<()> {
     let backend = args.device.unwrap_or_else(Backend::default_compiled);
     let run = open_run(&args.checkpoint, &backend.training_device()?)?;
-    let source = Source::open(&args.data)?;
+    let source = args.data.source()?;
     let size = run.config.data.image_size;
     let splits: &[&str] = match args.split {
         Split::Train => &["train"],
@@ -719,7 +783,7 @@ fn eval_linear(args: &LinearArgs) -> Result<()> {
     }
     let backend = args.device.unwrap_or_else(Backend::default_compiled);
     let run = open_run(&args.checkpoint, &backend.training_device()?)?;
-    let source = Source::open(&args.data)?;
+    let source = args.data.source()?;
     let size = run.config.data.image_size;
     let (train, test) = (
         source.load("train", size, false)?,

@@ -31,8 +31,18 @@ impl Backend {
     }
 
     /// The device to train on (with autodiff).
+    // A build without any backend (the fuzz targets') can only refuse.
+    #[cfg_attr(
+        not(any(
+            feature = "flex",
+            feature = "wgpu",
+            feature = "vulkan",
+            feature = "cuda"
+        )),
+        allow(unreachable_code, unused_variables)
+    )]
     pub fn training_device(self) -> Result<Device> {
-        let device = match self {
+        let device: Device = match self {
             #[cfg(feature = "flex")]
             Backend::Flex => Device::flex(),
             #[cfg(feature = "wgpu")]

@@ -25,7 +25,7 @@ use std::time::Instant;
 /// Where a run reads and writes, and how it reports.
 pub struct RunOptions {
     /// An image folder or a `.tar.gz` of one.
-    pub data: PathBuf,
+    pub data: Source,
     pub out: PathBuf,
     pub device: Device,
     /// Replace the results of an earlier run in `out`.
@@ -53,8 +53,7 @@ pub struct RunData {
     pub test: Option<Dataset>,
 }
 
-pub fn load_data(config: &TrainConfig, data: &Path) -> Result<RunData> {
-    let source = Source::open(data)?;
+pub fn load_data(config: &TrainConfig, source: &Source) -> Result<RunData> {
     let size = config.data.image_size;
     let started = Instant::now();
     let skip_bad = config.data.skip_bad;

@@ -117,3 +117,84 @@ fn gradient_accumulation_steps_once_per_n_batches_and_resumes_exactly() {
     assert_eq!(weights(&stopped), weights(&straight));
     assert_eq!(losses(&stopped), losses(&straight));
 }
+
+/// `kill -9` of a `byol train` process at two points of a checkpoint save: with half the new
+/// files written, and between moving the old checkpoint aside and moving the new one in.
+/// Either way the previous checkpoint loads, and `--resume` finishes the run.
+#[test]
+fn kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_images(&data);
+    let config_file = dir.path().join("tiny.toml");
+    std::fs::write(&config_file, config(1).to_toml()).unwrap();
+    let run = dir.path().join("run");
+    let byol = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_byol"));
+        command
+            .args(["train", "--quiet", "--config"])
+            .arg(&config_file)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&run)
+            .args(extra);
+        command
+    };
+    assert!(byol(&[]).output().unwrap().status.success());
+    let last = run.join("checkpoints/last");
+    let device = Backend::Flex.training_device().unwrap();
+    let epoch_of = |dir: &Path| {
+        checkpoint::load(dir, &config(1).model, &device)
+            .unwrap()
+            .1
+            .epoch
+    };
+    assert_eq!(epoch_of(&last), 1);
+
+    for stage in ["staging", "renaming"] {
+        let mut child = byol(&["--resume", "--epochs", "2"])
+            .env("BYOL_TEST_CHECKPOINT_PAUSE", stage)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let marker = format!("checkpoint save paused at {stage}");
+        let paused = stderr
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains(&marker));
+        assert!(paused, "the save never reached {stage}");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        match stage {
+            "staging" => {
+                let staged = run.join("checkpoints/.last.new");
+                assert!(staged.join("online.bpk").is_file() && !staged.join("state.json").exists());
+                assert!(last.join("state.json").is_file());
+            }
+            _ => assert!(!last.exists() && run.join("checkpoints/last.old").is_dir()),
+        }
+        assert_eq!(
+            epoch_of(&last),
+            1,
+            "the previous checkpoint loads after a kill at {stage}"
+        );
+    }
+
+    assert!(
+        byol(&["--resume", "--epochs", "2"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    assert_eq!(epoch_of(&last), 2);
+    assert!(!run.join("checkpoints/.last.new").exists());
+    assert!(!run.join("checkpoints/last.old").exists());
+}

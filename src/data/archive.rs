@@ -36,27 +36,39 @@ pub fn unpack_cached(archive: &Path, cache: &Path) -> Result<PathBuf> {
     if dest.is_dir() {
         return Ok(dest);
     }
-    std::fs::create_dir_all(cache)
-        .with_context(|| format!("cannot create data cache {}", cache.display()))?;
-    let tmp = cache.join(format!(".{stem}.unpacking-{}", std::process::id()));
+    unpack_into(archive, &dest)?;
+    Ok(dest)
+}
+
+/// Unpacks `archive` into the new folder `dest` through a temporary sibling renamed into
+/// place, so an interrupted unpack leaves nothing that looks finished. A `dest` that another
+/// process finished first is kept.
+pub fn unpack_into(archive: &Path, dest: &Path) -> Result<()> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create data folder {}", parent.display()))?;
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("data");
+    let tmp = parent.join(format!(".{name}.unpacking-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let file = std::fs::File::open(archive)
         .with_context(|| format!("cannot open archive {}", archive.display()))?;
     tracing::info!("unpacking {} into {}", archive.display(), dest.display());
-    tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
-        .unpack(&tmp)
-        .with_context(|| {
+    let unpacked =
+        tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file))).unpack(&tmp);
+    if let Err(e) = unpacked {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e).with_context(|| {
             format!(
                 "cannot unpack archive {} (corrupt or not a .tar.gz?)",
                 archive.display()
             )
-        })?;
-    match std::fs::rename(&tmp, &dest) {
-        Ok(()) => Ok(dest),
-        // Another process finished the same unpack first: use theirs.
+        });
+    }
+    match std::fs::rename(&tmp, dest) {
+        Ok(()) => Ok(()),
         Err(_) if dest.is_dir() => {
             let _ = std::fs::remove_dir_all(&tmp);
-            Ok(dest)
+            Ok(())
         }
         Err(e) => {
             Err(e).with_context(|| format!("cannot move unpacked data to {}", dest.display()))

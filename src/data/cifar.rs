@@ -90,41 +90,19 @@ impl Cifar {
     /// Loads a split, resizing to `size` when it is not 32.
     pub fn load(self, dir: &Path, split: &str, size: usize) -> Result<Dataset> {
         let classes = self.class_names(dir);
-        let record = self.label_bytes() + PIXELS;
         let (mut pixels, mut labels, mut paths) = (Vec::new(), Vec::new(), Vec::new());
         for name in self.files(split) {
             let path = dir.join(&name);
             let bytes = std::fs::read(&path)
                 .with_context(|| format!("cannot read CIFAR file {}", path.display()))?;
-            if bytes.is_empty() || bytes.len() % record != 0 {
-                bail!(
-                    "CIFAR file {} has {} bytes, not a multiple of the {record}-byte record: truncated or not {}",
-                    path.display(),
-                    bytes.len(),
-                    if self == Cifar::Ten {
-                        "CIFAR-10"
-                    } else {
-                        "CIFAR-100"
-                    }
-                );
-            }
-            for (i, rec) in bytes.chunks_exact(record).enumerate() {
-                let label = rec[self.label_bytes() - 1] as usize;
-                if label >= classes.len() {
-                    bail!(
-                        "CIFAR file {} record {i} has label {label}, beyond the {} classes",
-                        path.display(),
-                        classes.len()
-                    );
-                }
-                let planes = &rec[self.label_bytes()..];
-                let rgb: Vec<u8> = (0..1024)
-                    .flat_map(|p| [planes[p], planes[1024 + p], planes[2048 + p]])
-                    .collect();
-                pixels.extend(resize(rgb, size));
-                labels.push(label);
-                paths.push(PathBuf::from(format!("{}#{i}", path.display())));
-            }
+            let (file_pixels, file_labels) = self
+                .parse(&bytes, classes.len(), size)
+                .with_context(|| format!("CIFAR file {}", path.display()))?;
+            pixels.extend(file_pixels);
+            paths.extend(
+                (0..file_labels.len()).map(|i| PathBuf::from(format!("{}#{i}", path.display()))),
+            );
+            labels.extend(file_labels);
         }
         Ok(Dataset {
             classes,
@@ -133,6 +111,45 @@ impl Cifar {
             labels,
             paths,
         })
+    }
+}
+
+impl Cifar {
+    /// The records of one binary file: `size x size` RGB pixels (interleaved) and labels
+    /// below `num_classes`. The file must be a whole number of records, at least one.
+    pub fn parse(
+        self,
+        bytes: &[u8],
+        num_classes: usize,
+        size: usize,
+    ) -> Result<(Vec<u8>, Vec<usize>)> {
+        let record = self.label_bytes() + PIXELS;
+        if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
+            bail!(
+                "{} bytes, not a multiple of the {record}-byte record: truncated or not {}",
+                bytes.len(),
+                if self == Cifar::Ten {
+                    "CIFAR-10"
+                } else {
+                    "CIFAR-100"
+                }
+            );
+        }
+        let mut pixels = Vec::with_capacity(bytes.len() / record * size * size * 3);
+        let mut labels = Vec::with_capacity(bytes.len() / record);
+        for (i, rec) in bytes.chunks_exact(record).enumerate() {
+            let label = rec[self.label_bytes() - 1] as usize;
+            if label >= num_classes {
+                bail!("record {i} has label {label}, beyond the {num_classes} classes");
+            }
+            let planes = &rec[self.label_bytes()..];
+            let rgb: Vec<u8> = (0..1024)
+                .flat_map(|p| [planes[p], planes[1024 + p], planes[2048 + p]])
+                .collect();
+            pixels.extend(resize(rgb, size));
+            labels.push(label);
+        }
+        Ok((pixels, labels))
     }
 }
 

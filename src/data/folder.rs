@@ -132,13 +132,25 @@ fn is_image(path: &Path) -> bool {
 
 /// Decodes one file to `size x size` RGB bytes (bilinear resize when its size differs).
 pub fn decode(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let image = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?
-        .into_rgb8();
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    decode_bytes(&bytes, size).with_context(|| format!("cannot decode image {}", path.display()))
+}
+
+/// Larger images are refused rather than risk exhausting memory on a corrupt header.
+const MAX_SIDE: u32 = 1 << 14;
+
+/// Decodes an encoded image (format from its first bytes) to `size x size` RGB bytes.
+pub fn decode_bytes(bytes: &[u8], size: usize) -> Result<Vec<u8>> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    reader.limits(limits);
+    let image = reader.decode()?.into_rgb8();
+    if image.width() == 0 || image.height() == 0 {
+        bail!("empty image ({}x{})", image.width(), image.height());
+    }
     let image = if image.width() as usize == size && image.height() as usize == size {
         image
     } else {

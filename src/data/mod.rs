@@ -3,6 +3,7 @@
 pub mod archive;
 pub mod augment;
 pub mod cifar;
+pub mod download;
 pub mod folder;
 pub mod loader;
 pub mod preview;
@@ -21,17 +22,55 @@ pub enum Source {
     Unlabeled(PathBuf),
 }
 
+/// What `--format` forces; `Auto` detects it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Auto,
+    /// `ROOT/{train,test}/<class>/*`.
+    Folder,
+    /// CIFAR-10 or CIFAR-100 binary files.
+    Cifar,
+    /// Images without classes.
+    Unlabeled,
+}
+
 impl Source {
-    /// `data` is a folder of either kind, or a `.tar.gz` of one (unpacked once into the cache).
+    /// `data` is a folder of any kind, or a `.tar.gz` of one (unpacked once into the cache).
     pub fn open(data: &Path) -> Result<Source> {
+        Source::open_as(data, Format::Auto)
+    }
+
+    /// As [`Source::open`], but a format other than `Auto` is required, not guessed.
+    pub fn open_as(data: &Path, format: Format) -> Result<Source> {
         let dir = archive::resolve_data_dir(data)?;
-        if let Some((kind, dir)) = cifar::Cifar::detect(&dir) {
-            return Ok(Source::Cifar(kind, dir));
+        if !dir.is_dir() {
+            anyhow::bail!("--data {}: no such folder or archive", data.display());
         }
-        match folder::find_root(&dir) {
-            Ok(root) => Ok(Source::Folder(root)),
-            Err(_) if folder::holds_images(&dir) => Ok(Source::Unlabeled(dir)),
-            Err(e) => Err(e),
+        match format {
+            Format::Auto => {
+                if let Some((kind, dir)) = cifar::Cifar::detect(&dir) {
+                    return Ok(Source::Cifar(kind, dir));
+                }
+                match folder::find_root(&dir) {
+                    Ok(root) => Ok(Source::Folder(root)),
+                    Err(_) if folder::holds_images(&dir) => Ok(Source::Unlabeled(dir)),
+                    Err(e) => Err(e),
+                }
+            }
+            Format::Cifar => match cifar::Cifar::detect(&dir) {
+                Some((kind, dir)) => Ok(Source::Cifar(kind, dir)),
+                None => anyhow::bail!(
+                    "--format cifar: {} holds no CIFAR binaries (data_batch_1.bin, or train.bin \
+                     and test.bin, here or in cifar-10-batches-bin/ or cifar-100-binary/)",
+                    dir.display()
+                ),
+            },
+            Format::Folder => Ok(Source::Folder(folder::find_root(&dir)?)),
+            Format::Unlabeled if folder::holds_images(&dir) => Ok(Source::Unlabeled(dir)),
+            Format::Unlabeled => {
+                anyhow::bail!("--format unlabeled: no images in {}", dir.display())
+            }
         }
     }
 
@@ -89,5 +128,36 @@ mod tests {
             Source::open(&dir.path().join("missing")).unwrap_err()
         );
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_forced_format_is_required_not_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder_dir = dir.path().join("folder");
+        folder::tests::write_folder(&folder_dir, "train", &["x", "y"], 2, 8);
+        let err = format!(
+            "{:#}",
+            Source::open_as(&folder_dir, Format::Cifar).unwrap_err()
+        );
+        assert!(
+            err.contains("--format cifar") && err.contains("folder"),
+            "{err}"
+        );
+        // The same images, read as an unlabeled folder: pretraining only.
+        let source = Source::open_as(&folder_dir, Format::Unlabeled).unwrap();
+        assert!(!source.is_labelled());
+        assert_eq!(source.load("train", 8, false).unwrap().len(), 4);
+        assert!(
+            Source::open_as(&folder_dir, Format::Folder)
+                .unwrap()
+                .is_labelled()
+        );
+        let empty = dir.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let err = format!(
+            "{:#}",
+            Source::open_as(&empty, Format::Unlabeled).unwrap_err()
+        );
+        assert!(err.contains("no images"), "{err}");
     }
 }

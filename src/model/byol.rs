@@ -16,6 +16,14 @@ pub struct ByolConfig {
     pub backbone: BackboneConfig,
     pub projector: MlpConfig,
     pub predictor: MlpConfig,
+    /// `false` drops the predictor (the paper's ablation, Table 5): the online projection is
+    /// compared with the target's directly, which collapses when the target moves fast.
+    #[serde(default = "use_predictor_default")]
+    pub use_predictor: bool,
+}
+
+fn use_predictor_default() -> bool {
+    true
 }
 
 /// Backbone and projector: the part the online and target networks share in shape.
@@ -35,7 +43,16 @@ impl Encoder {
 #[derive(Module, Debug)]
 pub struct OnlineNetwork {
     pub encoder: Encoder,
-    pub predictor: Mlp,
+    pub predictor: Option<Mlp>,
+}
+
+impl OnlineNetwork {
+    fn predict(&self, projection: Tensor<2>) -> Tensor<2> {
+        match &self.predictor {
+            Some(predictor) => predictor.forward(projection),
+            None => projection,
+        }
+    }
 }
 
 /// What one training forward produces.
@@ -59,7 +76,9 @@ impl ByolConfig {
     pub fn init_online(&self, device: &Device) -> OnlineNetwork {
         OnlineNetwork {
             encoder: self.init_encoder(device),
-            predictor: self.predictor.init(self.projector.output_dim, device),
+            predictor: self
+                .use_predictor
+                .then(|| self.predictor.init(self.projector.output_dim, device)),
         }
     }
 
@@ -113,7 +132,11 @@ impl ByolConfig {
         };
         let backbone = self.backbone.forward_flops(size);
         let projector = mlp(self.backbone.feature_dim(), &self.projector);
-        let predictor = mlp(self.projector.output_dim, &self.predictor);
+        let predictor = if self.use_predictor {
+            mlp(self.projector.output_dim, &self.predictor)
+        } else {
+            0.0
+        };
         2.0 * (3.0 * (backbone + projector + predictor) + backbone + projector)
     }
 }
@@ -123,8 +146,8 @@ impl Byol {
     pub fn forward(&self, view1: Tensor<4>, view2: Tensor<4>) -> ByolOutput {
         let projection1 = self.online.encoder.forward(view1.clone());
         let projection2 = self.online.encoder.forward(view2.clone());
-        let prediction1 = self.online.predictor.forward(projection1.clone());
-        let prediction2 = self.online.predictor.forward(projection2);
+        let prediction1 = self.online.predict(projection1.clone());
+        let prediction2 = self.online.predict(projection2);
         let target1 = self.target.forward(view1).detach();
         let target2 = self.target.forward(view2).detach();
         ByolOutput {
@@ -174,6 +197,7 @@ mod tests {
                 output_dim: 8,
                 batch_norm: false,
             },
+            use_predictor: true,
         }
     }
 

@@ -44,7 +44,7 @@ pub fn config(epochs: usize) -> TrainConfig {
 
 pub fn options(data: &Path, out: &Path, resume: bool, stop: bool) -> RunOptions {
     RunOptions {
-        data: data.to_path_buf(),
+        data: byol::data::Source::open(data).unwrap(),
         out: out.to_path_buf(),
         device: Backend::Flex.training_device().unwrap(),
         overwrite: false,
