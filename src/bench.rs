@@ -56,6 +56,8 @@ pub struct BenchReport {
     pub timing: Timing,
     pub peak_rss_mib: Option<f64>,
     pub threads: usize,
+    /// Float type of the measured tensors (`f32` unless `--precision` said otherwise).
+    pub precision: &'static str,
 }
 
 impl BenchReport {
@@ -79,6 +81,7 @@ impl BenchReport {
             timing,
             peak_rss_mib: peak_rss_mib(),
             threads,
+            precision: "f32",
         }
     }
 }

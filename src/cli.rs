@@ -4,7 +4,7 @@ use crate::checkpoint::open_run;
 use crate::config::{PRESETS, TrainConfig};
 use crate::data::download::KnownDataset;
 use crate::data::{Format, Source};
-use crate::device::Backend;
+use crate::device::{Backend, Precision};
 use crate::eval::knn::Vote;
 use crate::eval::{Features, knn_cross_validated, knn_train_test};
 use crate::model::resnet::{Architecture, Stem};
@@ -164,6 +164,13 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum)]
     pub device: Option<Backend>,
+    /// `train` and `infer`: float type of every tensor (bf16 includes the weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+    /// `train`: burn's own BatchNorm and convolution backward instead of byol's (the before of a
+    /// before/after).
+    #[arg(long)]
+    pub burn_ops: bool,
     /// `data` only: augment these images (any `--data` layout) instead of random ones.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -609,15 +616,19 @@ fn bench(args: &BenchArgs) -> Result<()> {
     config.validate()?;
     let reports = match args.kind {
         BenchKind::Train | BenchKind::Infer => {
-            let device = args
+            let mut device = args
                 .device
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
-            let report = if args.kind == BenchKind::Train {
+            args.precision.configure(&mut device)?;
+            #[cfg(feature = "flex")]
+            crate::model::fused::set_enabled(!args.burn_ops);
+            let mut report = if args.kind == BenchKind::Train {
                 crate::bench::bench_train(&config, &device, args.warmup, args.steps)
             } else {
                 crate::bench::bench_infer(&config, &device, args.warmup, args.steps)
             };
+            report.precision = args.precision.name();
             vec![report]
         }
         BenchKind::Data => {

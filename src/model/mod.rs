@@ -1,6 +1,8 @@
 //! Networks: the ResNet backbone, the MLP heads and the BYOL online/target pair.
 
 pub mod byol;
+#[cfg(feature = "flex")]
+pub mod fused;
 pub mod mlp;
 pub mod resnet;
 

@@ -129,6 +129,22 @@ fn conv(
         .init(device)
 }
 
+/// A convolution applied to an NCHW batch (input gradient on GEMM on flex when training).
+fn convolve(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    return super::fused::conv::forward(conv, x);
+    #[cfg(not(feature = "flex"))]
+    return conv.forward(x);
+}
+
+/// A BatchNorm layer applied to an NCHW batch (fused on flex when training).
+fn norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    return super::fused::batch_norm::forward(bn, x);
+    #[cfg(not(feature = "flex"))]
+    return bn.forward(x);
+}
+
 fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
     BatchNormConfig::new(channels).init(device)
 }
@@ -155,7 +171,7 @@ impl Downsample {
 
     fn shortcut(downsample: &Option<Self>, x: Tensor<4>) -> Tensor<4> {
         match downsample {
-            Some(d) => d.bn.forward(d.conv.forward(x)),
+            Some(d) => norm(&d.bn, convolve(&d.conv, x)),
             None => x,
         }
     }
@@ -184,8 +200,8 @@ impl BasicBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = Downsample::shortcut(&self.downsample, x.clone());
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let out = self.bn2.forward(self.conv2.forward(out));
+        let out = relu(norm(&self.bn1, convolve(&self.conv1, x)));
+        let out = norm(&self.bn2, convolve(&self.conv2, out));
         relu(out + identity)
     }
 }
@@ -218,9 +234,9 @@ impl Bottleneck {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = Downsample::shortcut(&self.downsample, x.clone());
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let out = relu(self.bn2.forward(self.conv2.forward(out)));
-        let out = self.bn3.forward(self.conv3.forward(out));
+        let out = relu(norm(&self.bn1, convolve(&self.conv1, x)));
+        let out = relu(norm(&self.bn2, convolve(&self.conv2, out)));
+        let out = norm(&self.bn3, convolve(&self.conv3, out));
         relu(out + identity)
     }
 }
@@ -255,7 +271,7 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(images)));
+        let mut x = relu(norm(&self.bn1, convolve(&self.conv1, images)));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
