@@ -80,28 +80,12 @@ fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
 }
 
 mod flex {
+    use super::super::{contiguous_f32, tensor};
     use super::FusedBatchNormOps;
     use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
-    use burn::tensor::{Bytes, DType, Shape};
-    use burn_flex::{FlexTensor, Layout};
+    use burn::tensor::Shape;
     use rayon::prelude::*;
-
-    fn contiguous_f32(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-        assert_eq!(t.dtype(), DType::F32, "fused BatchNorm: f32 only");
-        match t.as_slice::<f32>() {
-            Some(slice) => std::borrow::Cow::Borrowed(slice),
-            None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
-        }
-    }
-
-    fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
-        FlexTensor::new(
-            Bytes::from_elems(values),
-            Layout::contiguous(shape),
-            DType::F32,
-        )
-    }
 
     /// `(batch, channels, spatial)` of an input of rank >= 2.
     fn dims(shape: &Shape) -> (usize, usize, usize) {

@@ -81,12 +81,12 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 }
 
 mod flex {
+    use super::super::{contiguous_f32, tensor};
     use super::GemmConvOps;
     use burn::backend::Flex;
     use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
     use burn::backend::tensor::FloatTensor;
-    use burn::tensor::{Bytes, DType, Shape};
-    use burn_flex::{FlexTensor, Layout};
+    use burn::tensor::Shape;
     use rayon::prelude::*;
 
     /// Floats per im2col chunk (32 MB): bounds the extra memory of a weight gradient. The tests
@@ -95,22 +95,6 @@ mod flex {
     const CHUNK_FLOATS: usize = 8 << 20;
     #[cfg(test)]
     const CHUNK_FLOATS: usize = 1000;
-
-    fn contiguous_f32(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-        assert_eq!(t.dtype(), DType::F32, "GEMM convolution: f32 only");
-        match t.as_slice::<f32>() {
-            Some(slice) => std::borrow::Cow::Borrowed(slice),
-            None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
-        }
-    }
-
-    fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
-        FlexTensor::new(
-            Bytes::from_elems(values),
-            Layout::contiguous(shape),
-            DType::F32,
-        )
-    }
 
     impl GemmConvOps for Flex {
         fn gemm_conv2d(
@@ -137,7 +121,7 @@ mod flex {
             let xs = contiguous_f32(&x);
             let dys = contiguous_f32(&output_grad);
             let per_chunk = (CHUNK_FLOATS / (positions * taps).max(1)).clamp(1, n);
-            let mut total: Option<FlexTensor> = None;
+            let mut total: Option<FloatTensor<Flex>> = None;
             for first in (0..n).step_by(per_chunk) {
                 let samples = per_chunk.min(n - first);
                 // im2col: one row per output position of each sample, one column per tap.

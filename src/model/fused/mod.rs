@@ -27,3 +27,25 @@ fn is_flex(device: &burn::tensor::Device) -> bool {
         burn::backend::DispatchDevice::Flex(_)
     )
 }
+
+/// The values of an f32 flex tensor in row-major order (copied only when it is strided).
+fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    assert_eq!(
+        t.dtype(),
+        burn::tensor::DType::F32,
+        "byol's fused ops are f32 only"
+    );
+    match t.as_slice::<f32>() {
+        Some(slice) => std::borrow::Cow::Borrowed(slice),
+        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
+    }
+}
+
+/// A contiguous f32 flex tensor.
+fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> burn_flex::FlexTensor {
+    burn_flex::FlexTensor::new(
+        burn::tensor::Bytes::from_elems(values),
+        burn_flex::Layout::contiguous(shape),
+        burn::tensor::DType::F32,
+    )
+}
