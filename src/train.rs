@@ -24,7 +24,7 @@ use std::time::Instant;
 
 /// Where a run reads and writes, and how it reports.
 pub struct RunOptions {
-    /// An image folder or a `.tar.gz` of one.
+    /// Where the images come from (`--data` or `--dataset`, opened).
     pub data: Source,
     pub out: PathBuf,
     pub device: Device,

@@ -146,25 +146,12 @@ impl Cifar {
             let rgb: Vec<u8> = (0..1024)
                 .flat_map(|p| [planes[p], planes[1024 + p], planes[2048 + p]])
                 .collect();
-            pixels.extend(resize(rgb, size));
+            let image = image::RgbImage::from_raw(32, 32, rgb).expect("32x32x3 bytes");
+            pixels.extend(super::folder::fit(image, size));
             labels.push(label);
         }
         Ok((pixels, labels))
     }
-}
-
-fn resize(rgb: Vec<u8>, size: usize) -> Vec<u8> {
-    if size == 32 {
-        return rgb;
-    }
-    let image = image::RgbImage::from_raw(32, 32, rgb).expect("32x32x3 bytes");
-    image::imageops::resize(
-        &image,
-        size as u32,
-        size as u32,
-        image::imageops::FilterType::Triangle,
-    )
-    .into_raw()
 }
 
 #[cfg(test)]

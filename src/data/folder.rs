@@ -151,17 +151,21 @@ pub fn decode_bytes(bytes: &[u8], size: usize) -> Result<Vec<u8>> {
     if image.width() == 0 || image.height() == 0 {
         bail!("empty image ({}x{})", image.width(), image.height());
     }
-    let image = if image.width() as usize == size && image.height() as usize == size {
-        image
-    } else {
-        image::imageops::resize(
-            &image,
-            size as u32,
-            size as u32,
-            image::imageops::FilterType::Triangle,
-        )
-    };
-    Ok(image.into_raw())
+    Ok(fit(image, size))
+}
+
+/// `image` as `size x size` RGB bytes: as it is when it has that size, else resized bilinearly.
+pub fn fit(image: image::RgbImage, size: usize) -> Vec<u8> {
+    if image.width() as usize == size && image.height() as usize == size {
+        return image.into_raw();
+    }
+    image::imageops::resize(
+        &image,
+        size as u32,
+        size as u32,
+        image::imageops::FilterType::Triangle,
+    )
+    .into_raw()
 }
 
 /// Loads `ROOT/<split>/<class>/*`, classes in sorted order, files sorted within each class.

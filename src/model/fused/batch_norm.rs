@@ -93,14 +93,14 @@ mod flex {
         (n, c, shape.num_elements() / (n * c).max(1))
     }
 
-    /// Sum with eight independent accumulators, so the compiler can vectorise it.
-    fn sum(values: &[f32]) -> f32 {
+    /// `sum(f(values[i]))` with eight independent accumulators, so the compiler can vectorise it.
+    fn sum_of(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         let mut acc = [0f32; 8];
         let chunks = values.chunks_exact(8);
-        let tail: f32 = chunks.remainder().iter().sum();
+        let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
         for chunk in chunks {
-            for (a, v) in acc.iter_mut().zip(chunk) {
-                *a += v;
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += f(v);
             }
         }
         acc.iter().sum::<f32>() + tail
@@ -124,28 +124,15 @@ mod flex {
         acc.iter().sum::<f32>() + tail
     }
 
-    /// Per channel, the sum over every `spatial` run of `f` applied to `x` (and `y`).
+    /// Per channel (in parallel), the sum over the batch of `f(channel, offset)`, where
+    /// `offset` starts that sample's run of `spatial` values in the NCHW buffer.
     fn per_channel(
-        x: &[f32],
-        y: &[f32],
         (n, c, s): (usize, usize, usize),
-        f: impl Fn(usize, &[f32], &[f32]) -> f32 + Sync,
+        f: impl Fn(usize, usize) -> f32 + Sync,
     ) -> Vec<f64> {
         (0..c)
             .into_par_iter()
-            .map(|ch| {
-                (0..n)
-                    .map(|b| {
-                        let at = (b * c + ch) * s;
-                        let ys = if y.is_empty() {
-                            &[][..]
-                        } else {
-                            &y[at..at + s]
-                        };
-                        f(ch, &x[at..at + s], ys) as f64
-                    })
-                    .sum()
-            })
+            .map(|ch| (0..n).map(|b| f(ch, (b * c + ch) * s) as f64).sum())
             .collect()
     }
 
@@ -161,14 +148,14 @@ mod flex {
             let count = (n * s) as f64;
             let xs = contiguous_f32(&x);
             let (gamma, beta) = (contiguous_f32(&gamma), contiguous_f32(&beta));
-            let mean: Vec<f32> = per_channel(&xs, &[], (n, c, s), |_, run, _| sum(run))
+            let mean: Vec<f32> = per_channel((n, c, s), |_, at| sum_of(&xs[at..at + s], |v| v))
                 .into_iter()
                 .map(|total| (total / count) as f32)
                 .collect();
             // Two passes (mean first): the variance without the cancellation of E[x^2] - E[x]^2.
-            let variance: Vec<f32> = per_channel(&xs, &[], (n, c, s), |ch, run, _| {
+            let variance: Vec<f32> = per_channel((n, c, s), |ch, at| {
                 let m = mean[ch];
-                sum_zip(run, run, |v, _| (v - m) * (v - m))
+                sum_of(&xs[at..at + s], |v| (v - m) * (v - m))
             })
             .into_iter()
             .map(|total| (total / count) as f32)
@@ -216,13 +203,13 @@ mod flex {
                 .iter()
                 .map(|&v| 1.0 / (v as f64 + epsilon).sqrt() as f32)
                 .collect();
-            let sum_dy: Vec<f32> = per_channel(&dy, &[], (n, c, s), |_, run, _| sum(run))
+            let sum_dy: Vec<f32> = per_channel((n, c, s), |_, at| sum_of(&dy[at..at + s], |g| g))
                 .into_iter()
                 .map(|v| v as f32)
                 .collect();
-            let sum_dy_centred: Vec<f32> = per_channel(&xs, &dy, (n, c, s), |ch, run, grads| {
+            let sum_dy_centred: Vec<f32> = per_channel((n, c, s), |ch, at| {
                 let m = mean[ch];
-                sum_zip(run, grads, |v, g| (v - m) * g)
+                sum_zip(&xs[at..at + s], &dy[at..at + s], |v, g| (v - m) * g)
             })
             .into_iter()
             .map(|v| v as f32)

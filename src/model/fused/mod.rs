@@ -37,7 +37,13 @@ fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     );
     match t.as_slice::<f32>() {
         Some(slice) => std::borrow::Cow::Borrowed(slice),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
+        // One copy: the contiguous tensor's buffer becomes the vector.
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("an f32 tensor holds f32 values"),
+        ),
     }
 }
 
