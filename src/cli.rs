@@ -4,9 +4,10 @@ use crate::checkpoint::open_run;
 use crate::config::{PRESETS, TrainConfig};
 use crate::data::download::KnownDataset;
 use crate::data::{Format, Source};
-use crate::device::{Backend, Precision};
+use crate::device::Backend;
 use crate::eval::knn::Vote;
 use crate::eval::{Features, knn_cross_validated, knn_train_test};
+use crate::model::precision::{Precision, autocast};
 use crate::model::resnet::{Architecture, Stem};
 use crate::optim::OptimizerKind;
 use crate::train::{RunOptions, train};
@@ -164,11 +165,12 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum)]
     pub device: Option<Backend>,
-    /// `train` and `infer`: float type of every tensor (bf16 includes the weights).
+    /// `train` and `infer`: float type of convolutions and linear layers (bf16: mixed
+    /// precision, as `train --precision`).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
-    /// `train`: burn's own BatchNorm and convolution backward instead of byol's (the before of a
-    /// before/after).
+    /// `train` and `infer`: burn's own BatchNorm and convolution instead of byol's flex ones (the
+    /// before of a before/after).
     #[arg(long)]
     pub burn_ops: bool,
     /// `data` only: augment these images (any `--data` layout) instead of random ones.
@@ -350,6 +352,10 @@ pub struct TrainArgs {
     /// Sum the gradients of N batches into each optimizer step (effective batch N x batch size).
     #[arg(long)]
     pub accumulate: Option<usize>,
+    /// Mixed precision: bf16 convolutions and linear layers, f32 weights, BatchNorm, loss and
+    /// EMA (pays on GPUs; on flex bf16 is computed through f32 and is slower).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     #[command(flatten)]
     pub model: ModelFlags,
     /// Train on a class-balanced subset of this many images.
@@ -404,6 +410,7 @@ impl TrainArgs {
         };
         set(&mut c.train.epochs, &self.epochs);
         set(&mut c.train.accumulate, &self.accumulate);
+        set(&mut c.train.precision, &self.precision);
         self.model.apply(&mut c);
         set(&mut c.data.train_limit, &self.train_limit);
         set(&mut c.train.seed, &self.seed);
@@ -616,11 +623,12 @@ fn bench(args: &BenchArgs) -> Result<()> {
     config.validate()?;
     let reports = match args.kind {
         BenchKind::Train | BenchKind::Infer => {
-            let mut device = args
+            let device = args
                 .device
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
-            args.precision.configure(&mut device)?;
+            args.precision.check(&device)?;
+            let _autocast = autocast(args.precision);
             #[cfg(feature = "flex")]
             crate::model::fused::set_enabled(!args.burn_ops);
             let mut report = if args.kind == BenchKind::Train {

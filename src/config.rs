@@ -4,6 +4,7 @@ use crate::data::augment::AugmentConfig;
 use crate::ema::TauSchedule;
 use crate::eval::knn::Vote;
 use crate::model::byol::ByolConfig;
+use crate::model::precision::Precision;
 use crate::optim::OptimizerConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,10 @@ pub struct LoopConfig {
     /// BatchNorm still sees each batch on its own.
     #[serde(default = "default_accumulate")]
     pub accumulate: usize,
+    /// Float type of the convolutions and linear layers (`bf16`: mixed precision with f32
+    /// weights, BatchNorm, loss and EMA; see `model::precision`).
+    #[serde(default)]
+    pub precision: Precision,
     /// Also keep a snapshot `checkpoints/epoch-NNNN` every this many epochs (0: only `last`).
     #[serde(default)]
     pub checkpoint_every: usize,

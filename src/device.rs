@@ -2,7 +2,7 @@
 //! `--device`.
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, FloatDType};
+use burn::tensor::Device;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -60,38 +60,5 @@ impl Backend {
             }
         };
         Ok(device.autodiff())
-    }
-}
-
-/// Float type of a benchmark's tensors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    #[default]
-    F32,
-    /// Every float tensor in bfloat16, weights included (burn 0.22 has no autocast): a measure
-    /// of the backend's bf16 compute, not a training recipe.
-    Bf16,
-}
-
-impl Precision {
-    /// Makes this the device's default float type; must come before any tensor is created on it.
-    pub fn configure(self, device: &mut Device) -> Result<()> {
-        let dtype = match self {
-            Precision::F32 => return Ok(()),
-            Precision::Bf16 => FloatDType::BF16,
-        };
-        if !device.supports_dtype(dtype) {
-            bail!("--precision bf16: this backend has no bf16 tensors");
-        }
-        device
-            .configure(dtype)
-            .map_err(|e| anyhow::anyhow!("--precision bf16: cannot configure the device: {e:?}"))
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
     }
 }

@@ -12,6 +12,7 @@ use crate::eval::knn::{KnnAccuracy, knn_accuracy};
 use crate::io::{peak_rss_mib, write_atomic};
 use crate::loss::l2_normalize;
 use crate::model::byol::Byol;
+use crate::model::precision::autocast;
 use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
 use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -186,6 +187,7 @@ fn prune_snapshots(dir: &Path, keep: usize) -> Result<()> {
 /// Trains BYOL as `config` says, writing the run into `options.out`.
 pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
     config.validate()?;
+    config.train.precision.check(&options.device)?;
     prepare_run_dir(&options.out, options.overwrite, options.resume)?;
     write_atomic(
         &options.out.join("config.toml"),
@@ -295,10 +297,13 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                 batch_size: n,
                 size,
             } = batch;
-            let output = byol.forward(
-                to_tensor(view1, n, size, device),
-                to_tensor(view2, n, size, device),
-            );
+            let output = {
+                let _autocast = autocast(config.train.precision);
+                byol.forward(
+                    to_tensor(view1, n, size, device),
+                    to_tensor(view2, n, size, device),
+                )
+            };
             let loss = output.loss.clone().into_scalar::<f32>() as f64;
             if !loss.is_finite() {
                 bail!(

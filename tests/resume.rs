@@ -3,7 +3,9 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use byol::checkpoint;
+use byol::config::TrainConfig;
 use byol::device::Backend;
+use byol::model::precision::Precision;
 use byol::train::train;
 use std::path::Path;
 
@@ -197,4 +199,65 @@ fn kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable() {
     assert_eq!(epoch_of(&last), 2);
     assert!(!run.join("checkpoints/.last.new").exists());
     assert!(!run.join("checkpoints/last.old").exists());
+}
+
+/// `byol train --precision bf16`: recorded in the run's config, kept by `--resume`, and the
+/// interrupted-and-resumed bf16 run equals the straight one (bf16 rounding is deterministic on
+/// flex); the bf16 weights differ from the f32 run's, so the flag took effect.
+#[test]
+fn bf16_runs_from_the_cli_resume_exactly_and_differ_from_f32() {
+    use std::process::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_images(&data);
+    let config_file = dir.path().join("tiny.toml");
+    std::fs::write(&config_file, config(2).to_toml()).unwrap();
+    let cli = |run: &Path, extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_byol"))
+            .args(["train", "--quiet", "--config"])
+            .arg(&config_file)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(run)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+
+    let resumed = dir.path().join("resumed");
+    cli(&resumed, &["--precision", "bf16", "--epochs", "1"]);
+    let recorded = TrainConfig::load(&resumed.join("config.toml")).unwrap();
+    assert_eq!(recorded.train.precision, Precision::Bf16);
+    cli(&resumed, &["--resume", "--epochs", "2"]);
+
+    let mut bf16 = config(2);
+    bf16.train.precision = Precision::Bf16;
+    let straight = dir.path().join("straight");
+    train(&bf16, &options(&data, &straight, false, false)).unwrap();
+    let f32_run = dir.path().join("f32");
+    train(&config(2), &options(&data, &f32_run, false, false)).unwrap();
+
+    assert_eq!(
+        weights(&resumed),
+        weights(&straight),
+        "resumed bf16 run differs"
+    );
+    assert_ne!(
+        weights(&f32_run),
+        weights(&straight),
+        "bf16 changed nothing"
+    );
+    assert!(
+        losses(&straight)
+            .iter()
+            .skip(1)
+            .all(|l| l.is_some_and(f64::is_finite))
+    );
 }

@@ -344,6 +344,37 @@ mod tests {
         );
     }
 
+    /// `--precision bf16`: the step's loss stays within bf16 rounding of the f32 one, every
+    /// online parameter gets an f32 gradient, and the weights (online and target) stay f32.
+    #[test]
+    fn a_bf16_step_matches_f32_and_keeps_f32_weights_and_gradients() {
+        use crate::model::precision::{Precision, autocast, parameters_are_f32};
+        let device = Device::default().autodiff();
+        let byol = tiny_config().init(&device, 0);
+        let (v1, v2) = views(&device);
+        let exact = byol
+            .forward(v1.clone(), v2.clone())
+            .loss
+            .into_scalar::<f32>();
+        let output = {
+            let _bf16 = autocast(Precision::Bf16);
+            byol.forward(v1, v2)
+        };
+        let low = output.loss.clone().into_scalar::<f32>();
+        assert!(low != exact, "bf16 rounded nothing");
+        assert!((low - exact).abs() < 2e-2 * exact.abs(), "{low} vs {exact}");
+
+        let grads = GradientsParams::from_grads(output.loss.backward(), &byol.online);
+        assert_eq!(grads.len(), params(&byol.online).ids.len());
+        let online = adam().build().step(1e-2, byol.online, grads);
+        let byol = Byol {
+            online,
+            target: byol.target,
+        }
+        .update_target(0.99, false);
+        assert!(parameters_are_f32(&byol.online) && parameters_are_f32(&byol.target));
+    }
+
     #[test]
     fn target_normalises_with_batch_statistics_during_training() {
         let device = Device::default().autodiff();

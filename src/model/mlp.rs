@@ -1,5 +1,6 @@
 //! The projector and predictor heads: Linear, optional BatchNorm1d, ReLU, Linear.
 
+use super::precision::linear;
 use burn::module::Module;
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
@@ -38,11 +39,11 @@ impl MlpConfig {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let mut x = self.linear1.forward(x);
+        let mut x = linear(&self.linear1, x);
         if let Some(bn) = &self.bn {
             x = bn.forward(x);
         }
-        self.linear2.forward(relu(x))
+        linear(&self.linear2, relu(x))
     }
 }
 

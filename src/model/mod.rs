@@ -4,6 +4,7 @@ pub mod byol;
 #[cfg(feature = "flex")]
 pub mod fused;
 pub mod mlp;
+pub mod precision;
 pub mod resnet;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};

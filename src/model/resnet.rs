@@ -129,8 +129,13 @@ fn conv(
         .init(device)
 }
 
-/// A convolution applied to an NCHW batch (input gradient on GEMM on flex when training).
+/// A convolution applied to an NCHW batch: in the autocast precision when one is set, else
+/// with the input gradient on GEMM on flex when training.
 fn convolve(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    use super::precision::{compute_dtype, conv_options, conv2d_in};
+    if let (Some(dtype), Some(options)) = (compute_dtype(), conv_options(conv)) {
+        return conv2d_in(conv, x, options, dtype);
+    }
     #[cfg(feature = "flex")]
     return super::fused::conv::forward(conv, x);
     #[cfg(not(feature = "flex"))]

@@ -1,17 +1,24 @@
-//! Bias-free 2-D convolution whose input gradient runs as a convolution on flex.
+//! Bias-free 2-D convolution on GEMM for flex training: forward, input and weight gradients.
 //!
-//! burn 0.22's default backward computes a convolution's input gradient with `conv_transpose2d`,
-//! which flex runs as a direct loop; PyTorch runs it through GEMM. For the stride-1 convolutions
-//! that make up most of a ResNet, the input gradient *is* a convolution: of the output gradient
-//! with the kernel flipped in space and with its in/out channels swapped, padded by
-//! `k - 1 - p`. That convolution takes flex's im2col + GEMM path, the one that makes its
-//! inference as fast as PyTorch's. Strided convolutions, and the weight gradient, keep burn's
-//! backward. burn's `Conv2d` module keeps the parameters; [`forward`] replaces its forward.
+//! - Forward: samples in parallel, each in tiles of output positions whose im2col (channels
+//!   last, so every tap is a contiguous copy) stays in cache for its single-threaded GEMM, and
+//!   whose result rows are copied straight into the NCHW output. flex's own convolution does the
+//!   same GEMMs but converts the input to NHWC on one thread and writes its output one strided
+//!   element at a time.
+//! - Input gradient: burn 0.22's default runs `conv_transpose2d`, which flex computes as a
+//!   direct loop. For the stride-1 convolutions that make up most of a ResNet the input gradient
+//!   *is* a convolution, of the output gradient with the kernel flipped in space and its in/out
+//!   channels swapped, padded by `k - 1 - p`: it takes the forward above. Strided convolutions
+//!   keep burn's.
+//! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, im2col tap-major so that GEMM reads both
+//!   operands along the `N*P` sum.
+//!
+//! GEMM is the `gemm` crate flex itself uses, called directly for strides and accumulation.
+//! burn's `Conv2d` module keeps the parameters; [`forward`] replaces its forward.
 
 use burn::backend::backend_extension;
 use burn::backend::ops::ConvOptions;
 use burn::backend::tensor::FloatTensor;
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
@@ -35,21 +42,15 @@ pub trait GemmConvOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `conv` applied to an NCHW batch: through [`GemmConvOps`] when training on flex without a
-/// bias, burn's `Conv2d::forward` otherwise.
+/// `conv` applied to an NCHW batch: through [`GemmConvOps`] on flex in f32 without a bias,
+/// burn's `Conv2d::forward` otherwise.
 pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
+    let Some(options) = crate::model::precision::conv_options(conv) else {
         return conv.forward(x);
     };
     if !takes_gemm_path(conv, &x) {
         return conv.forward(x);
     }
-    let options = ConvOptions::new_with_padding(
-        conv.stride,
-        [(top, bottom), (left, right)],
-        conv.dilation,
-        conv.groups,
-    );
     Tensor::from_dispatch(<burn::backend::Dispatch as GemmConvOps>::gemm_conv2d(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
@@ -61,13 +62,13 @@ fn takes_gemm_path(conv: &Conv2d, x: &Tensor<4>) -> bool {
     let device = x.device();
     super::enabled()
         && conv.bias.is_none()
-        && device.is_autodiff()
         && x.dtype() == burn::tensor::DType::F32
         && super::is_flex(&device)
 }
 
-/// Whether [`GemmConvOps::gemm_conv2d_weight_grad`] handles these options.
-fn weight_grad_on_gemm(options: &ConvOptions<2>) -> bool {
+/// Whether our GEMM convolution and weight gradient handle these options (flex's convolution
+/// and burn's weight gradient take the rest).
+fn on_gemm(options: &ConvOptions<2>) -> bool {
     options.dilation == [1, 1] && options.groups == 1 && !options.is_asymmetric()
 }
 
@@ -82,104 +83,361 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 
 mod flex {
     use super::super::{contiguous_f32, tensor};
-    use super::GemmConvOps;
+    use super::{GemmConvOps, on_gemm};
     use burn::backend::Flex;
-    use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
+    use burn::backend::ops::{ConvOptions, ModuleOps};
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::Shape;
     use rayon::prelude::*;
 
-    /// Floats per im2col chunk (32 MB): bounds the extra memory of a weight gradient. The tests
+    /// Floats per im2col chunk of a weight gradient (32 MB): bounds its extra memory. The tests
     /// use a tiny one, so that their small batches run in several chunks.
     #[cfg(not(test))]
     const CHUNK_FLOATS: usize = 8 << 20;
     #[cfg(test)]
     const CHUNK_FLOATS: usize = 1000;
 
+    /// Output positions per GEMM of a forward convolution: the tile's im2col (at most 512 x
+    /// 4608 floats in ResNet-18) stays in L2 between being written and being read. The tests
+    /// use a small one, so that their images span several tiles.
+    #[cfg(not(test))]
+    const TILE_POSITIONS: usize = 256;
+    #[cfg(test)]
+    const TILE_POSITIONS: usize = 7;
+
+    /// Shapes of one convolution over an NCHW batch.
+    #[derive(Clone, Copy)]
+    struct Geometry {
+        n: usize,
+        cin: usize,
+        h: usize,
+        w: usize,
+        cout: usize,
+        kh: usize,
+        kw: usize,
+        stride: [usize; 2],
+        pad: [usize; 2],
+        ho: usize,
+        wo: usize,
+    }
+
+    impl Geometry {
+        fn new(x: &Shape, cout: usize, [kh, kw]: [usize; 2], options: &ConvOptions<2>) -> Self {
+            let (n, cin, h, w) = (x[0], x[1], x[2], x[3]);
+            let [sh, sw] = options.stride;
+            let [ph, pw] = options.padding_begin();
+            Geometry {
+                n,
+                cin,
+                h,
+                w,
+                cout,
+                kh,
+                kw,
+                stride: options.stride,
+                pad: [ph, pw],
+                ho: (h + 2 * ph - kh) / sh + 1,
+                wo: (w + 2 * pw - kw) / sw + 1,
+            }
+        }
+
+        fn positions(&self) -> usize {
+            self.ho * self.wo
+        }
+
+        fn taps(&self) -> usize {
+            self.cin * self.kh * self.kw
+        }
+
+        /// Samples whose im2col fits in one chunk.
+        fn samples_per_chunk(&self) -> usize {
+            (CHUNK_FLOATS / (self.positions() * self.taps()).max(1)).clamp(1, self.n)
+        }
+
+        /// im2col of `count` samples from `first`, as `[taps, count * P]`: one row per kernel
+        /// tap `(c, i, j)`, one column per output position of each sample. Each row is filled
+        /// from runs of input rows (contiguous when the stride is 1), rows in parallel.
+        fn im2col_tap_major(&self, xs: &[f32], first: usize, count: usize) -> Vec<f32> {
+            let Geometry {
+                cin: _,
+                h,
+                w,
+                kh,
+                kw,
+                stride: [sh, sw],
+                pad: [ph, pw],
+                ho,
+                wo,
+                ..
+            } = *self;
+            let (positions, plane) = (self.positions(), h * w);
+            let mut columns = vec![0f32; self.taps() * count * positions];
+            columns
+                .par_chunks_mut(count * positions)
+                .enumerate()
+                .for_each(|(tap, row)| {
+                    let (c, i, j) = (tap / (kh * kw), tap / kw % kh, tap % kw);
+                    // Output columns whose input column `ox * sw + j - pw` lies in the image.
+                    let first_ox = pw.saturating_sub(j).div_ceil(sw);
+                    let end_ox = (w + pw).saturating_sub(j).div_ceil(sw).min(wo);
+                    for s in 0..count {
+                        let image = &xs[((first + s) * self.cin + c) * plane..][..plane];
+                        for oy in 0..ho {
+                            let Some(y) = (oy * sh + i).checked_sub(ph).filter(|&y| y < h) else {
+                                continue; // a padding row: stays zero
+                            };
+                            let out = &mut row[s * positions + oy * wo..][..wo];
+                            let input = &image[y * w..][..w];
+                            if first_ox >= end_ox {
+                                continue;
+                            }
+                            let x0 = first_ox * sw + j - pw;
+                            if sw == 1 {
+                                out[first_ox..end_ox]
+                                    .copy_from_slice(&input[x0..x0 + end_ox - first_ox]);
+                            } else {
+                                for (o, v) in out[first_ox..end_ox]
+                                    .iter_mut()
+                                    .zip(input[x0..].iter().step_by(sw))
+                                {
+                                    *o = *v;
+                                }
+                            }
+                        }
+                    }
+                });
+            columns
+        }
+    }
+
+    impl Geometry {
+        /// The kernel `[C_out, C_in, kh, kw]` as `[C_out, kh, kw, C_in]`.
+        fn weights_channels_last(&self, weights: &[f32]) -> Vec<f32> {
+            let (cin, k) = (self.cin, self.kh * self.kw);
+            let mut out = vec![0f32; self.cout * cin * k];
+            for (dst, src) in out.chunks_mut(cin * k).zip(weights.chunks(cin * k)) {
+                for c in 0..cin {
+                    for t in 0..k {
+                        dst[t * cin + c] = src[c * k + t];
+                    }
+                }
+            }
+            out
+        }
+
+        /// Sample `s` of the NCHW batch as HWC.
+        fn channels_last(&self, xs: &[f32], s: usize) -> Vec<f32> {
+            let (cin, plane) = (self.cin, self.h * self.w);
+            let source = &xs[s * cin * plane..][..cin * plane];
+            let mut image = vec![0f32; plane * cin];
+            // Blocks of channels, so that the writes stay in a few cache lines.
+            for c0 in (0..cin).step_by(16) {
+                let c1 = (c0 + 16).min(cin);
+                for p in 0..plane {
+                    for c in c0..c1 {
+                        image[p * cin + c] = source[c * plane + p];
+                    }
+                }
+            }
+            image
+        }
+
+        /// im2col of output positions `start..start + tile` of one HWC image, as
+        /// `[tile, taps]` with taps in `(i, j, c)` order: each tap is a copy of `C_in`
+        /// contiguous values, or zeros in the padding.
+        fn im2col_tile(&self, image: &[f32], start: usize, tile: usize, columns: &mut Vec<f32>) {
+            let Geometry {
+                cin,
+                h,
+                w,
+                kh,
+                kw,
+                stride: [sh, sw],
+                pad: [ph, pw],
+                wo,
+                ..
+            } = *self;
+            let taps = self.taps();
+            columns.clear();
+            columns.resize(tile * taps, 0.0);
+            for (offset, position) in columns.chunks_mut(taps).enumerate() {
+                let (oy, ox) = ((start + offset) / wo, (start + offset) % wo);
+                for i in 0..kh {
+                    let Some(y) = (oy * sh + i).checked_sub(ph).filter(|&y| y < h) else {
+                        continue; // a padding row: stays zero
+                    };
+                    for j in 0..kw {
+                        if let Some(x) = (ox * sw + j).checked_sub(pw).filter(|&x| x < w) {
+                            position[(i * kw + j) * cin..][..cin]
+                                .copy_from_slice(&image[(y * w + x) * cin..][..cin]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, each matrix given by its row and column
+    /// strides (`dst` row- or column-major); `accumulate` adds to `dst` instead of overwriting
+    /// it. GEMM is fastest when `k` is the contiguous dimension of both operands.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_into(
+        dst: &mut [f32],
+        [dst_rs, dst_cs]: [usize; 2],
+        [m, n, k]: [usize; 3],
+        lhs: &[f32],
+        [lhs_rs, lhs_cs]: [usize; 2],
+        rhs: &[f32],
+        [rhs_rs, rhs_cs]: [usize; 2],
+        accumulate: bool,
+        parallelism: gemm::Parallelism,
+    ) {
+        let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+            (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+        };
+        assert!(
+            [dst_rs, dst_cs] == [n, 1] || [dst_rs, dst_cs] == [1, m],
+            "gemm destination must be row- or column-major"
+        );
+        assert!(dst.len() >= m * n, "gemm destination too small");
+        assert!(
+            lhs.len() > last(m, k, lhs_rs, lhs_cs),
+            "gemm lhs out of bounds"
+        );
+        assert!(
+            rhs.len() > last(k, n, rhs_rs, rhs_cs),
+            "gemm rhs out of bounds"
+        );
+        // SAFETY: the assertions above keep every index gemm reads or writes in bounds, and
+        // `dst` is borrowed mutably, so it aliases neither operand.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                dst_cs as isize,
+                dst_rs as isize,
+                accumulate,
+                lhs.as_ptr(),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr(),
+                rhs_cs as isize,
+                rhs_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+
     impl GemmConvOps for Flex {
+        /// Samples in parallel; per sample, per tile of output positions:
+        /// `im2col [tile, taps] x weight^T [taps, C_out]` into `[C_out, tile]`, copied into the
+        /// NCHW output row by row. Taps run `(i, j, c)`, so that im2col copies runs of channels
+        /// from an NHWC copy of the sample and GEMM reads both operands along the taps; a tile's
+        /// columns stay in cache between im2col and GEMM.
         fn gemm_conv2d(
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             options: ConvOptions<2>,
         ) -> FloatTensor<Self> {
-            <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options)
+            let ws = weight.layout().shape().clone();
+            let fits = (0..2)
+                .all(|d| x.layout().shape()[2 + d] + 2 * options.padding_begin()[d] >= ws[2 + d]);
+            if !on_gemm(&options) || !fits {
+                return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options);
+            }
+            let g = Geometry::new(x.layout().shape(), ws[0], [ws[2], ws[3]], &options);
+            let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
+            let xs = contiguous_f32(&x);
+            let weights = g.weights_channels_last(&contiguous_f32(&weight));
+            let mut output = vec![0f32; g.n * cout * positions];
+            output
+                .par_chunks_mut(cout * positions)
+                .enumerate()
+                .for_each(|(s, sample)| {
+                    let image = g.channels_last(&xs, s);
+                    let mut columns = Vec::new();
+                    let mut product = Vec::new();
+                    for start in (0..positions).step_by(TILE_POSITIONS) {
+                        let tile = TILE_POSITIONS.min(positions - start);
+                        g.im2col_tile(&image, start, tile, &mut columns);
+                        product.resize(cout * tile, 0.0);
+                        gemm_into(
+                            &mut product,
+                            [1, tile],
+                            [tile, cout, taps],
+                            &columns,
+                            [taps, 1],
+                            &weights,
+                            [1, taps],
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                        for (co, out) in sample.chunks_mut(positions).enumerate() {
+                            out[start..start + tile].copy_from_slice(&product[co * tile..][..tile]);
+                        }
+                    }
+                });
+            tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
         }
 
+        /// Per chunk of samples: `dy [C_out, S * P] x im2col^T [S * P, taps]`, summed into one
+        /// `[C_out, taps]` gradient.
         fn gemm_conv2d_weight_grad(
             x: FloatTensor<Self>,
             output_grad: FloatTensor<Self>,
-            [kh, kw]: [usize; 2],
+            kernel: [usize; 2],
             options: ConvOptions<2>,
         ) -> FloatTensor<Self> {
-            let x_shape = x.layout().shape().clone();
-            let dy_shape = output_grad.layout().shape().clone();
-            let (n, cin, h, w) = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
-            let (cout, ho, wo) = (dy_shape[1], dy_shape[2], dy_shape[3]);
-            let (positions, taps) = (ho * wo, cin * kh * kw);
-            let [sh, sw] = options.stride;
-            let [ph, pw] = options.padding_begin();
+            let cout = output_grad.layout().shape()[1];
+            let g = Geometry::new(x.layout().shape(), cout, kernel, &options);
+            let (positions, taps) = (g.positions(), g.taps());
             let xs = contiguous_f32(&x);
             let dys = contiguous_f32(&output_grad);
-            let per_chunk = (CHUNK_FLOATS / (positions * taps).max(1)).clamp(1, n);
-            let mut total: Option<FloatTensor<Flex>> = None;
-            for first in (0..n).step_by(per_chunk) {
-                let samples = per_chunk.min(n - first);
-                // im2col: one row per output position of each sample, one column per tap.
-                let mut columns = vec![0f32; samples * positions * taps];
-                columns
-                    .par_chunks_mut(positions * taps)
-                    .enumerate()
-                    .for_each(|(s, rows)| {
-                        let image = &xs[(first + s) * cin * h * w..][..cin * h * w];
-                        for (p, row) in rows.chunks_mut(taps).enumerate() {
-                            let (oy, ox) = (p / wo, p % wo);
-                            for c in 0..cin {
-                                let plane = &image[c * h * w..][..h * w];
-                                for i in 0..kh {
-                                    let Some(y) = (oy * sh + i).checked_sub(ph).filter(|&y| y < h)
-                                    else {
-                                        continue;
-                                    };
-                                    for j in 0..kw {
-                                        if let Some(xx) =
-                                            (ox * sw + j).checked_sub(pw).filter(|&xx| xx < w)
-                                        {
-                                            row[(c * kh + i) * kw + j] = plane[y * w + xx];
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    });
-                // dy of these samples as [C_out, samples * P].
-                let mut grads = vec![0f32; cout * samples * positions];
+            let per_chunk = g.samples_per_chunk();
+            let mut total = vec![0f32; cout * taps];
+            let mut grads = Vec::new();
+            for first in (0..g.n).step_by(per_chunk) {
+                let count = per_chunk.min(g.n - first);
+                let columns = g.im2col_tap_major(&xs, first, count);
+                let width = count * positions;
+                // dy of these samples as [C_out, S * P].
+                grads.resize(cout * width, 0.0);
                 grads
-                    .par_chunks_mut(samples * positions)
+                    .par_chunks_mut(width)
                     .enumerate()
                     .for_each(|(co, out)| {
-                        for s in 0..samples {
+                        for s in 0..count {
                             let at = ((first + s) * cout + co) * positions;
                             out[s * positions..][..positions]
                                 .copy_from_slice(&dys[at..at + positions]);
                         }
                     });
-                let product = <Flex as FloatTensorOps<Flex>>::float_matmul(
-                    tensor(grads, Shape::new([cout, samples * positions])),
-                    tensor(columns, Shape::new([samples * positions, taps])),
+                gemm_into(
+                    &mut total,
+                    [taps, 1],
+                    [cout, taps, width],
+                    &grads,
+                    [width, 1],
+                    &columns,
+                    [1, width],
+                    first > 0,
+                    gemm::Parallelism::Rayon(0),
                 );
-                total = Some(match total {
-                    None => product,
-                    Some(sum) => <Flex as FloatTensorOps<Flex>>::float_add(sum, product),
-                });
             }
-            let total = total.expect("at least one sample");
-            <Flex as FloatTensorOps<Flex>>::float_reshape(total, Shape::new([cout, cin, kh, kw]))
+            tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]))
         }
     }
 }
 
 mod autodiff {
-    use super::{GemmConvOps, input_grad_is_a_convolution, weight_grad_on_gemm};
+    use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::ops::ConvOptions;
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{AutodiffBackend, Backend, TensorMetadata};
@@ -204,7 +462,7 @@ mod autodiff {
             let grad = grads.consume::<B>(&ops.node);
             let (x, weight, options) = ops.state;
             if let Some(node) = node_weight {
-                let weight_grad = if weight_grad_on_gemm(&options) {
+                let weight_grad = if on_gemm(&options) {
                     let shape = weight.shape();
                     B::gemm_conv2d_weight_grad(
                         x.clone(),
@@ -276,6 +534,8 @@ mod autodiff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::Module;
+    use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::{Device, Distribution};
 
@@ -285,7 +545,7 @@ mod tests {
     fn matches_burns_convolution_forward_and_backward() {
         let device = Device::flex().autodiff();
         device.seed(5);
-        for (kernel, stride, pad) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0)] {
+        for (kernel, stride, pad) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0), (7, 2, 3)] {
             let conv = Conv2dConfig::new([4, 6], [kernel, kernel])
                 .with_stride([stride, stride])
                 .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
@@ -311,6 +571,19 @@ mod tests {
                 )
             };
             let (ours, theirs) = (run(true), run(false));
+            // Inference (no autodiff) takes the same forward.
+            let plain = Device::flex();
+            let conv_plain = conv.clone().valid();
+            let x_plain = Tensor::<4>::from_data(x.to_data(), &plain);
+            assert!(takes_gemm_path(&conv_plain, &x_plain));
+            let inferred = forward(&conv_plain, x_plain)
+                .into_data()
+                .iter::<f32>()
+                .collect::<Vec<_>>();
+            assert_eq!(
+                inferred, ours.0,
+                "inference output differs from training output"
+            );
             for (what, a, b) in [
                 ("output", &ours.0, &theirs.0),
                 ("input gradient", &ours.1, &theirs.1),
