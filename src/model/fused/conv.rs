@@ -242,10 +242,10 @@ mod flex {
             image
         }
 
-        /// im2col of output positions `start..start + tile` of one HWC image, as
-        /// `[tile, taps]` with taps in `(i, j, c)` order: each tap is a copy of `C_in`
-        /// contiguous values, or zeros in the padding.
-        fn im2col_tile(&self, image: &[f32], start: usize, tile: usize, columns: &mut Vec<f32>) {
+        /// Appends to `columns` the im2col of output positions `start..start + tile` of one
+        /// HWC image, as `[tile, taps]` with taps in `(i, j, c)` order: each tap is a copy of
+        /// `C_in` contiguous values, or zeros in the padding.
+        fn append_im2col(&self, image: &[f32], start: usize, tile: usize, columns: &mut Vec<f32>) {
             let Geometry {
                 cin,
                 h,
@@ -258,9 +258,9 @@ mod flex {
                 ..
             } = *self;
             let taps = self.taps();
-            columns.clear();
-            columns.resize(tile * taps, 0.0);
-            for (offset, position) in columns.chunks_mut(taps).enumerate() {
+            let from = columns.len();
+            columns.resize(from + tile * taps, 0.0);
+            for (offset, position) in columns[from..].chunks_mut(taps).enumerate() {
                 let (oy, ox) = ((start + offset) / wo, (start + offset) % wo);
                 for i in 0..kh {
                     let Some(y) = (oy * sh + i).checked_sub(ph).filter(|&y| y < h) else {
@@ -336,7 +336,7 @@ mod flex {
     }
 
     impl GemmConvOps for Flex {
-        /// Samples in parallel; per sample, per tile of output positions:
+        /// Samples (or groups of small ones) in parallel; per tile of output positions:
         /// `im2col [tile, taps] x weight^T [taps, C_out]` into `[C_out, tile]`, copied into the
         /// NCHW output row by row. Taps run `(i, j, c)`, so that im2col copies runs of channels
         /// from an NHWC copy of the sample and GEMM reads both operands along the taps; a tile's
@@ -356,22 +356,31 @@ mod flex {
             let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
             let xs = contiguous_f32(&x);
             let weights = g.weights_channels_last(&contiguous_f32(&weight));
+            // Small images go several to a GEMM, so that its rows fill a tile.
+            let group = (TILE_POSITIONS / positions).clamp(1, g.n);
             let mut output = vec![0f32; g.n * cout * positions];
             output
-                .par_chunks_mut(cout * positions)
+                .par_chunks_mut(group * cout * positions)
                 .enumerate()
-                .for_each(|(s, sample)| {
-                    let image = g.channels_last(&xs, s);
+                .for_each(|(index, block)| {
+                    let count = block.len() / (cout * positions);
+                    let images: Vec<Vec<f32>> = (0..count)
+                        .map(|s| g.channels_last(&xs, index * group + s))
+                        .collect();
                     let mut columns = Vec::new();
                     let mut product = Vec::new();
                     for start in (0..positions).step_by(TILE_POSITIONS) {
                         let tile = TILE_POSITIONS.min(positions - start);
-                        g.im2col_tile(&image, start, tile, &mut columns);
-                        product.resize(cout * tile, 0.0);
+                        columns.clear();
+                        for image in &images {
+                            g.append_im2col(image, start, tile, &mut columns);
+                        }
+                        let rows = count * tile;
+                        product.resize(cout * rows, 0.0);
                         gemm_into(
                             &mut product,
-                            [1, tile],
-                            [tile, cout, taps],
+                            [1, rows],
+                            [rows, cout, taps],
                             &columns,
                             [taps, 1],
                             &weights,
@@ -379,8 +388,11 @@ mod flex {
                             false,
                             gemm::Parallelism::None,
                         );
-                        for (co, out) in sample.chunks_mut(positions).enumerate() {
-                            out[start..start + tile].copy_from_slice(&product[co * tile..][..tile]);
+                        for (s, sample) in block.chunks_mut(cout * positions).enumerate() {
+                            for (co, out) in sample.chunks_mut(positions).enumerate() {
+                                out[start..start + tile]
+                                    .copy_from_slice(&product[co * rows + s * tile..][..tile]);
+                            }
                         }
                     }
                 });
@@ -545,13 +557,23 @@ mod tests {
     fn matches_burns_convolution_forward_and_backward() {
         let device = Device::flex().autodiff();
         device.seed(5);
-        for (kernel, stride, pad) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0), (7, 2, 3)] {
+        // 9x9 images span several tiles of output positions; 2x2 ones with stride 2 (one
+        // output position each) go several to a tile.
+        for (kernel, stride, pad, size) in [
+            (3, 1, 1, 9),
+            (1, 1, 0, 9),
+            (3, 2, 1, 9),
+            (1, 2, 0, 9),
+            (7, 2, 3, 9),
+            (3, 2, 1, 2),
+        ] {
             let conv = Conv2dConfig::new([4, 6], [kernel, kernel])
                 .with_stride([stride, stride])
                 .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
                 .with_bias(false)
                 .init(&device);
-            let x = Tensor::<4>::random([3, 4, 9, 9], Distribution::Normal(0.0, 1.0), &device);
+            let x =
+                Tensor::<4>::random([3, 4, size, size], Distribution::Normal(0.0, 1.0), &device);
             assert!(takes_gemm_path(&conv, &x));
             let run = |ours: bool| {
                 let x = x.clone().detach().require_grad();
