@@ -123,10 +123,23 @@ fn gradient_accumulation_steps_once_per_n_batches_and_resumes_exactly() {
 /// `kill -9` of a `byol train` process at two points of a checkpoint save: with half the new
 /// files written, and between moving the old checkpoint aside and moving the new one in.
 /// Either way the previous checkpoint loads, and `--resume` finishes the run.
+/// `byol train --quiet --config CONFIG --data DATA --out RUN`, for flags to be added.
+fn train_command(config: &Path, data: &Path, run: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_byol"));
+    command
+        .args(["train", "--quiet", "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(run);
+    command
+}
+
 #[test]
 fn kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -135,15 +148,8 @@ fn kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable() {
     std::fs::write(&config_file, config(1).to_toml()).unwrap();
     let run = dir.path().join("run");
     let byol = |extra: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_byol"));
-        command
-            .args(["train", "--quiet", "--config"])
-            .arg(&config_file)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&run)
-            .args(extra);
+        let mut command = train_command(&config_file, &data, &run);
+        command.args(extra);
         command
     };
     assert!(byol(&[]).output().unwrap().status.success());
@@ -206,21 +212,13 @@ fn kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable() {
 /// flex); the bf16 weights differ from the f32 run's, so the flag took effect.
 #[test]
 fn bf16_runs_from_the_cli_resume_exactly_and_differ_from_f32() {
-    use std::process::Command;
-
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     write_images(&data);
     let config_file = dir.path().join("tiny.toml");
     std::fs::write(&config_file, config(2).to_toml()).unwrap();
     let cli = |run: &Path, extra: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_byol"))
-            .args(["train", "--quiet", "--config"])
-            .arg(&config_file)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(run)
+        let output = train_command(&config_file, &data, run)
             .args(extra)
             .output()
             .unwrap();

@@ -130,7 +130,7 @@ fn conv(
 }
 
 /// A convolution applied to an NCHW batch: in the autocast precision when one is set, else
-/// with the input gradient on GEMM on flex when training.
+/// on flex through byol's GEMM convolution (forward and gradients).
 fn convolve(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     use super::precision::{compute_dtype, conv_options, conv2d_in};
     if let (Some(dtype), Some(options)) = (compute_dtype(), conv_options(conv)) {
