@@ -1,17 +1,18 @@
 //! Bias-free 2-D convolution on GEMM for flex training: forward, input and weight gradients.
 //!
-//! - Forward: samples in parallel, each in tiles of output positions whose im2col (channels
-//!   last, so every tap is a contiguous copy) stays in cache for its single-threaded GEMM, and
-//!   whose result rows are copied straight into the NCHW output. flex's own convolution does the
-//!   same GEMMs but converts the input to NHWC on one thread and writes its output one strided
-//!   element at a time.
+//! - Forward: samples (or groups of small ones) in parallel, each in tiles of whole output
+//!   rows whose im2col stays in cache for its single-threaded GEMM. The im2col is built
+//!   positions-contiguous from a zero-padded copy of the sample (one plain run per tap and
+//!   output row), which gemm packs by plain copies; the result lands in the NCHW output
+//!   directly. flex's own convolution does the same GEMMs but converts the input to NHWC on one
+//!   thread and writes its output one strided element at a time.
 //! - Input gradient: burn 0.22's default runs `conv_transpose2d`, which flex computes as a
 //!   direct loop. For the stride-1 convolutions that make up most of a ResNet the input gradient
 //!   *is* a convolution, of the output gradient with the kernel flipped in space and its in/out
 //!   channels swapped, padded by `k - 1 - p`: it takes the forward above. Strided convolutions
 //!   keep burn's.
-//! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, im2col tap-major so that GEMM reads both
-//!   operands along the `N*P` sum.
+//! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, the same im2col over whole samples,
+//!   into a column-major result so that gemm packs the small `dy` rather than the im2col.
 //!
 //! GEMM is the `gemm` crate flex itself uses, called directly for strides and accumulation.
 //! burn's `Conv2d` module keeps the parameters; [`forward`] replaces its forward.
@@ -89,6 +90,7 @@ mod flex {
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::Shape;
     use rayon::prelude::*;
+    use std::cell::RefCell;
 
     /// Floats per im2col chunk of a weight gradient (32 MB): bounds its extra memory. The tests
     /// use a tiny one, so that their small batches run in several chunks.
@@ -97,9 +99,10 @@ mod flex {
     #[cfg(test)]
     const CHUNK_FLOATS: usize = 1000;
 
-    /// Output positions per GEMM of a forward convolution: the tile's im2col (at most 512 x
-    /// 4608 floats in ResNet-18) stays in L2 between being written and being read. The tests
-    /// use a small one, so that their images span several tiles.
+    /// Output positions per GEMM of a forward convolution (rounded down to whole output rows,
+    /// or up to whole samples): the tile's im2col (at most 256 x 4608 floats in ResNet-18)
+    /// stays in L2 between being written and being read. The tests use a small one, so that
+    /// their images span several tiles.
     #[cfg(not(test))]
     const TILE_POSITIONS: usize = 256;
     #[cfg(test)]
@@ -154,132 +157,123 @@ mod flex {
             (CHUNK_FLOATS / (self.positions() * self.taps()).max(1)).clamp(1, self.n)
         }
 
-        /// im2col of `count` samples from `first`, as `[taps, count * P]`: one row per kernel
-        /// tap `(c, i, j)`, one column per output position of each sample. Each row is filled
-        /// from runs of input rows (contiguous when the stride is 1), rows in parallel.
-        fn im2col_tap_major(&self, xs: &[f32], first: usize, count: usize) -> Vec<f32> {
+        /// The zero-padded size of one input plane: `[H + 2 * pad_h, W + 2 * pad_w]`.
+        fn padded_plane(&self) -> [usize; 2] {
+            [self.h + 2 * self.pad[0], self.w + 2 * self.pad[1]]
+        }
+
+        /// Copies samples `first..` (`padded.len()` holds as many) into `padded` with their
+        /// zero border, so that im2col reads plain runs without bounds checks.
+        fn pad_samples(&self, xs: &[f32], first: usize, padded: &mut [f32]) {
             let Geometry {
-                cin: _,
                 h,
                 w,
+                pad: [ph, pw],
+                ..
+            } = *self;
+            let [hp, wp] = self.padded_plane();
+            let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
+            for (out, image) in padded.chunks_exact_mut(hp * wp).zip(planes) {
+                out[..ph * wp].fill(0.0);
+                out[(ph + h) * wp..].fill(0.0);
+                let rows = out[ph * wp..(ph + h) * wp].chunks_exact_mut(wp);
+                for (out, input) in rows.zip(image.chunks_exact(w)) {
+                    out[..pw].fill(0.0);
+                    out[pw..pw + w].copy_from_slice(input);
+                    out[pw + w..].fill(0.0);
+                }
+            }
+        }
+
+        /// Fills `row` with kernel tap `tap = (c, i, j)` at output rows `first_row..first_row +
+        /// rows` of the padded samples in `padded` (`row.len() / (rows * W_out)` of them): each
+        /// value is the input under that tap at one output position. The rows of all taps make
+        /// the im2col `[taps, samples * positions]`, positions contiguous, which GEMM reads as
+        /// is; each output row is one run of a padded input row (a copy when the stride is 1).
+        fn fill_tap_row(
+            &self,
+            padded: &[f32],
+            tap: usize,
+            [first_row, rows]: [usize; 2],
+            row: &mut [f32],
+        ) {
+            let Geometry {
+                cin,
                 kh,
                 kw,
                 stride: [sh, sw],
-                pad: [ph, pw],
-                ho,
                 wo,
                 ..
             } = *self;
-            let (positions, plane) = (self.positions(), h * w);
-            let mut columns = vec![0f32; self.taps() * count * positions];
-            columns
-                .par_chunks_mut(count * positions)
-                .enumerate()
-                .for_each(|(tap, row)| {
-                    let (c, i, j) = (tap / (kh * kw), tap / kw % kh, tap % kw);
-                    // Output columns whose input column `ox * sw + j - pw` lies in the image.
-                    let first_ox = pw.saturating_sub(j).div_ceil(sw);
-                    let end_ox = (w + pw).saturating_sub(j).div_ceil(sw).min(wo);
-                    for s in 0..count {
-                        let image = &xs[((first + s) * self.cin + c) * plane..][..plane];
-                        for oy in 0..ho {
-                            let Some(y) = (oy * sh + i).checked_sub(ph).filter(|&y| y < h) else {
-                                continue; // a padding row: stays zero
-                            };
-                            let out = &mut row[s * positions + oy * wo..][..wo];
-                            let input = &image[y * w..][..w];
-                            if first_ox >= end_ox {
-                                continue;
-                            }
-                            let x0 = first_ox * sw + j - pw;
-                            if sw == 1 {
-                                out[first_ox..end_ox]
-                                    .copy_from_slice(&input[x0..x0 + end_ox - first_ox]);
-                            } else {
-                                for (o, v) in out[first_ox..end_ox]
-                                    .iter_mut()
-                                    .zip(input[x0..].iter().step_by(sw))
-                                {
-                                    *o = *v;
-                                }
-                            }
+            let [hp, wp] = self.padded_plane();
+            let (c, i, j) = (tap / (kh * kw), tap / kw % kh, tap % kw);
+            let samples = padded.chunks_exact(cin * hp * wp);
+            for (sample, image) in row.chunks_exact_mut(rows * wo).zip(samples) {
+                let plane = &image[c * hp * wp..][..hp * wp];
+                for (oy, run) in (first_row..).zip(sample.chunks_exact_mut(wo)) {
+                    let input = &plane[(oy * sh + i) * wp + j..];
+                    if sw == 1 {
+                        copy_run(run, &input[..wo]);
+                    } else {
+                        for (o, v) in run.iter_mut().zip(input.iter().step_by(sw)) {
+                            *o = *v;
                         }
                     }
-                });
-            columns
+                }
+            }
         }
     }
 
-    impl Geometry {
-        /// The kernel `[C_out, C_in, kh, kw]` as `[C_out, kh, kw, C_in]`.
-        fn weights_channels_last(&self, weights: &[f32]) -> Vec<f32> {
-            let (cin, k) = (self.cin, self.kh * self.kw);
-            let mut out = vec![0f32; self.cout * cin * k];
-            for (dst, src) in out.chunks_mut(cin * k).zip(weights.chunks(cin * k)) {
-                for c in 0..cin {
-                    for t in 0..k {
-                        dst[t * cin + c] = src[c * k + t];
-                    }
-                }
-            }
-            out
+    /// `dst.copy_from_slice(src)` for the short runs of im2col (4 to 32 values) in fixed-size
+    /// pieces, which compile to vector moves instead of a call to `memcpy`.
+    #[inline(always)]
+    fn copy_run(dst: &mut [f32], src: &[f32]) {
+        let (mut dst16, mut src16) = (dst.chunks_exact_mut(16), src.chunks_exact(16));
+        for (d, s) in (&mut dst16).zip(&mut src16) {
+            d.copy_from_slice(s);
         }
+        let (dst, src) = (dst16.into_remainder(), src16.remainder());
+        let (mut dst4, mut src4) = (dst.chunks_exact_mut(4), src.chunks_exact(4));
+        for (d, s) in (&mut dst4).zip(&mut src4) {
+            d.copy_from_slice(s);
+        }
+        for (d, s) in dst4.into_remainder().iter_mut().zip(src4.remainder()) {
+            *d = *s;
+        }
+    }
 
-        /// Sample `s` of the NCHW batch as HWC.
-        fn channels_last(&self, xs: &[f32], s: usize) -> Vec<f32> {
-            let (cin, plane) = (self.cin, self.h * self.w);
-            let source = &xs[s * cin * plane..][..cin * plane];
-            let mut image = vec![0f32; plane * cin];
-            // Blocks of channels, so that the writes stay in a few cache lines.
-            for c0 in (0..cin).step_by(16) {
-                let c1 = (c0 + 16).min(cin);
-                for p in 0..plane {
-                    for c in c0..c1 {
-                        image[p * cin + c] = source[c * plane + p];
-                    }
-                }
-            }
-            image
-        }
+    thread_local! {
+        /// Three buffers per thread (padded input, im2col, GEMM product), kept between calls: the tiles of a
+        /// convolution cost neither an allocation nor fresh zeroed pages.
+        static SCRATCH: RefCell<[Vec<f32>; 3]> =
+            const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    }
 
-        /// Appends to `columns` the im2col of output positions `start..start + tile` of one
-        /// HWC image, as `[tile, taps]` with taps in `(i, j, c)` order: each tap is a copy of
-        /// `C_in` contiguous values, or zeros in the padding.
-        fn append_im2col(&self, image: &[f32], start: usize, tile: usize, columns: &mut Vec<f32>) {
-            let Geometry {
-                cin,
-                h,
-                w,
-                kh,
-                kw,
-                stride: [sh, sw],
-                pad: [ph, pw],
-                wo,
-                ..
-            } = *self;
-            let taps = self.taps();
-            let from = columns.len();
-            columns.resize(from + tile * taps, 0.0);
-            for (offset, position) in columns[from..].chunks_mut(taps).enumerate() {
-                let (oy, ox) = ((start + offset) / wo, (start + offset) % wo);
-                for i in 0..kh {
-                    let Some(y) = (oy * sh + i).checked_sub(ph).filter(|&y| y < h) else {
-                        continue; // a padding row: stays zero
-                    };
-                    for j in 0..kw {
-                        if let Some(x) = (ox * sw + j).checked_sub(pw).filter(|&x| x < w) {
-                            position[(i * kw + j) * cin..][..cin]
-                                .copy_from_slice(&image[(y * w + x) * cin..][..cin]);
-                        }
-                    }
-                }
+    /// Runs `f` with this thread's scratch buffers (fresh ones if they are taken, as when a
+    /// rayon worker that holds them picks up another convolution's job).
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buffers) => {
+                let [a, b, c] = &mut *buffers;
+                f(a, b, c)
             }
+            Err(_) => f(&mut Vec::new(), &mut Vec::new(), &mut Vec::new()),
+        })
+    }
+
+    /// The first `len` values of `buffer`, grown (never shrunk) to hold them; their contents
+    /// are whatever was there before.
+    fn prefix(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
         }
+        &mut buffer[..len]
     }
 
     /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, each matrix given by its row and column
-    /// strides (`dst` row- or column-major); `accumulate` adds to `dst` instead of overwriting
-    /// it. GEMM is fastest when `k` is the contiguous dimension of both operands.
+    /// strides; `accumulate` adds to `dst` instead of overwriting it. gemm packs `lhs` into
+    /// panels of rows: cheapest when `lhs` is column-major (`m` contiguous); it reads `rhs`
+    /// as is, fastest when `k` is contiguous there.
     #[allow(clippy::too_many_arguments)]
     fn gemm_into(
         dst: &mut [f32],
@@ -296,10 +290,9 @@ mod flex {
             (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
         };
         assert!(
-            [dst_rs, dst_cs] == [n, 1] || [dst_rs, dst_cs] == [1, m],
-            "gemm destination must be row- or column-major"
+            dst.len() > last(m, n, dst_rs, dst_cs),
+            "gemm destination out of bounds"
         );
-        assert!(dst.len() >= m * n, "gemm destination too small");
         assert!(
             lhs.len() > last(m, k, lhs_rs, lhs_cs),
             "gemm lhs out of bounds"
@@ -337,10 +330,10 @@ mod flex {
 
     impl GemmConvOps for Flex {
         /// Samples (or groups of small ones) in parallel; per tile of output positions:
-        /// `im2col [tile, taps] x weight^T [taps, C_out]` into `[C_out, tile]`, copied into the
-        /// NCHW output row by row. Taps run `(i, j, c)`, so that im2col copies runs of channels
-        /// from an NHWC copy of the sample and GEMM reads both operands along the taps; a tile's
-        /// columns stay in cache between im2col and GEMM.
+        /// `im2col [tile, taps] x weight^T [taps, C_out]` into `[tile, C_out]`, which is the
+        /// NCHW output of one sample (a group's is copied there). The im2col is built
+        /// column-major, so that gemm packs it by plain copies, and stays in cache between
+        /// being written and being read; the weights are read in their own layout.
         fn gemm_conv2d(
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
@@ -355,46 +348,57 @@ mod flex {
             let g = Geometry::new(x.layout().shape(), ws[0], [ws[2], ws[3]], &options);
             let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
             let xs = contiguous_f32(&x);
-            let weights = g.weights_channels_last(&contiguous_f32(&weight));
+            // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
+            let weights = contiguous_f32(&weight);
             // Small images go several to a GEMM, so that its rows fill a tile.
             let group = (TILE_POSITIONS / positions).clamp(1, g.n);
+            // Tiles of whole output rows.
+            let tile_rows = (TILE_POSITIONS / g.wo).clamp(1, g.ho);
             let mut output = vec![0f32; g.n * cout * positions];
             output
                 .par_chunks_mut(group * cout * positions)
                 .enumerate()
                 .for_each(|(index, block)| {
                     let count = block.len() / (cout * positions);
-                    let images: Vec<Vec<f32>> = (0..count)
-                        .map(|s| g.channels_last(&xs, index * group + s))
-                        .collect();
-                    let mut columns = Vec::new();
-                    let mut product = Vec::new();
-                    for start in (0..positions).step_by(TILE_POSITIONS) {
-                        let tile = TILE_POSITIONS.min(positions - start);
-                        columns.clear();
-                        for image in &images {
-                            g.append_im2col(image, start, tile, &mut columns);
-                        }
-                        let rows = count * tile;
-                        product.resize(cout * rows, 0.0);
-                        gemm_into(
-                            &mut product,
-                            [1, rows],
-                            [rows, cout, taps],
-                            &columns,
-                            [taps, 1],
-                            &weights,
-                            [1, taps],
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                        for (s, sample) in block.chunks_mut(cout * positions).enumerate() {
-                            for (co, out) in sample.chunks_mut(positions).enumerate() {
-                                out[start..start + tile]
-                                    .copy_from_slice(&product[co * rows + s * tile..][..tile]);
+                    with_scratch(|padded, columns, product| {
+                        let [hp, wp] = g.padded_plane();
+                        let padded = prefix(padded, count * g.cin * hp * wp);
+                        g.pad_samples(&xs, index * group, padded);
+                        for first_row in (0..g.ho).step_by(tile_rows) {
+                            let tile_rows = tile_rows.min(g.ho - first_row);
+                            let (start, tile) = (first_row * g.wo, tile_rows * g.wo);
+                            let rows = count * tile;
+                            let columns = prefix(columns, taps * rows);
+                            for (tap, row) in columns.chunks_mut(rows).enumerate() {
+                                g.fill_tap_row(padded, tap, [first_row, tile_rows], row);
+                            }
+                            let gemm = |dst: &mut [f32], strides: [usize; 2]| {
+                                gemm_into(
+                                    dst,
+                                    strides,
+                                    [rows, cout, taps],
+                                    columns,
+                                    [1, rows],
+                                    &weights,
+                                    [1, taps],
+                                    false,
+                                    gemm::Parallelism::None,
+                                )
+                            };
+                            if count == 1 {
+                                gemm(&mut block[start..], [1, positions]);
+                                continue;
+                            }
+                            let product = prefix(product, rows * cout);
+                            gemm(product, [1, rows]);
+                            for (s, sample) in block.chunks_mut(cout * positions).enumerate() {
+                                for (co, out) in sample.chunks_mut(positions).enumerate() {
+                                    out[start..start + tile]
+                                        .copy_from_slice(&product[co * rows + s * tile..][..tile]);
+                                }
                             }
                         }
-                    }
+                    })
                 });
             tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
         }
@@ -413,35 +417,54 @@ mod flex {
             let xs = contiguous_f32(&x);
             let dys = contiguous_f32(&output_grad);
             let per_chunk = g.samples_per_chunk();
+            // `[taps, C_out]`: with the result column-major, gemm packs the smaller `dy`, not
+            // the im2col (it would transpose the problem for a row-major result).
+            let mut transposed = vec![0f32; taps * cout];
+            with_scratch(|padded, columns, grads| {
+                let image = g.cin * g.padded_plane().iter().product::<usize>();
+                for first in (0..g.n).step_by(per_chunk) {
+                    let count = per_chunk.min(g.n - first);
+                    let width = count * positions;
+                    let padded = prefix(padded, count * image);
+                    padded
+                        .par_chunks_mut(image)
+                        .enumerate()
+                        .for_each(|(s, out)| g.pad_samples(&xs, first + s, out));
+                    let columns = prefix(columns, taps * width);
+                    columns
+                        .par_chunks_mut(width)
+                        .enumerate()
+                        .for_each(|(tap, row)| g.fill_tap_row(padded, tap, [0, g.ho], row));
+                    // dy of these samples as [C_out, S * P].
+                    let grads = prefix(grads, cout * width);
+                    grads
+                        .par_chunks_mut(width)
+                        .enumerate()
+                        .for_each(|(co, out)| {
+                            for s in 0..count {
+                                let at = ((first + s) * cout + co) * positions;
+                                out[s * positions..][..positions]
+                                    .copy_from_slice(&dys[at..at + positions]);
+                            }
+                        });
+                    gemm_into(
+                        &mut transposed,
+                        [1, cout],
+                        [cout, taps, width],
+                        grads,
+                        [width, 1],
+                        columns,
+                        [1, width],
+                        first > 0,
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+            });
             let mut total = vec![0f32; cout * taps];
-            let mut grads = Vec::new();
-            for first in (0..g.n).step_by(per_chunk) {
-                let count = per_chunk.min(g.n - first);
-                let columns = g.im2col_tap_major(&xs, first, count);
-                let width = count * positions;
-                // dy of these samples as [C_out, S * P].
-                grads.resize(cout * width, 0.0);
-                grads
-                    .par_chunks_mut(width)
-                    .enumerate()
-                    .for_each(|(co, out)| {
-                        for s in 0..count {
-                            let at = ((first + s) * cout + co) * positions;
-                            out[s * positions..][..positions]
-                                .copy_from_slice(&dys[at..at + positions]);
-                        }
-                    });
-                gemm_into(
-                    &mut total,
-                    [taps, 1],
-                    [cout, taps, width],
-                    &grads,
-                    [width, 1],
-                    &columns,
-                    [1, width],
-                    first > 0,
-                    gemm::Parallelism::Rayon(0),
-                );
+            for (co, out) in total.chunks_exact_mut(taps).enumerate() {
+                for (tap, value) in out.iter_mut().enumerate() {
+                    *value = transposed[tap * cout + co];
+                }
             }
             tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]))
         }
@@ -557,8 +580,9 @@ mod tests {
     fn matches_burns_convolution_forward_and_backward() {
         let device = Device::flex().autodiff();
         device.seed(5);
-        // 9x9 images span several tiles of output positions; 2x2 ones with stride 2 (one
-        // output position each) go several to a tile.
+        // 9x9 images span several tiles of output rows, 3x3 ones (and 5x5 with stride 2) end
+        // in a partial tile; 2x2 ones with stride 2 (one output position each) go several to
+        // a tile.
         for (kernel, stride, pad, size) in [
             (3, 1, 1, 9),
             (1, 1, 0, 9),
@@ -566,6 +590,8 @@ mod tests {
             (1, 2, 0, 9),
             (7, 2, 3, 9),
             (3, 2, 1, 2),
+            (3, 1, 1, 3),
+            (3, 2, 1, 5),
         ] {
             let conv = Conv2dConfig::new([4, 6], [kernel, kernel])
                 .with_stride([stride, stride])
