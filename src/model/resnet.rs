@@ -7,7 +7,6 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -150,6 +149,22 @@ fn norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     return bn.forward(x);
 }
 
+/// `relu(norm(bn, x) + residual)`, the end of a residual block, fused where [`norm`] is.
+fn norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    return super::fused::batch_norm::forward_add_relu(bn, x, residual);
+    #[cfg(not(feature = "flex"))]
+    return burn::tensor::activation::relu(bn.forward(x) + residual);
+}
+
+/// `relu(norm(bn, x))`, the ReLU fused into the BatchNorm pass where [`norm`] is fused.
+fn norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    return super::fused::batch_norm::forward_relu(bn, x);
+    #[cfg(not(feature = "flex"))]
+    return burn::tensor::activation::relu(bn.forward(x));
+}
+
 fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
     BatchNormConfig::new(channels).init(device)
 }
@@ -205,9 +220,8 @@ impl BasicBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = Downsample::shortcut(&self.downsample, x.clone());
-        let out = relu(norm(&self.bn1, convolve(&self.conv1, x)));
-        let out = norm(&self.bn2, convolve(&self.conv2, out));
-        relu(out + identity)
+        let out = norm_relu(&self.bn1, convolve(&self.conv1, x));
+        norm_add_relu(&self.bn2, convolve(&self.conv2, out), identity)
     }
 }
 
@@ -239,10 +253,9 @@ impl Bottleneck {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = Downsample::shortcut(&self.downsample, x.clone());
-        let out = relu(norm(&self.bn1, convolve(&self.conv1, x)));
-        let out = relu(norm(&self.bn2, convolve(&self.conv2, out)));
-        let out = norm(&self.bn3, convolve(&self.conv3, out));
-        relu(out + identity)
+        let out = norm_relu(&self.bn1, convolve(&self.conv1, x));
+        let out = norm_relu(&self.bn2, convolve(&self.conv2, out));
+        norm_add_relu(&self.bn3, convolve(&self.conv3, out), identity)
     }
 }
 
@@ -276,7 +289,7 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(norm(&self.bn1, convolve(&self.conv1, images)));
+        let mut x = norm_relu(&self.bn1, convolve(&self.conv1, images));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }

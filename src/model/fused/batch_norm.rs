@@ -5,7 +5,10 @@
 //! and backward; profiling put about a tenth of the BYOL step in those copies alone. Here the
 //! statistics are per-channel sums over the contiguous `H x W` runs of an NCHW tensor: forward
 //! reads the input twice and writes the output once, backward reads input and gradient twice
-//! and writes the input gradient once, channels split over the rayon pool. burn's `BatchNorm`
+//! and writes the input gradient once, channels split over the rayon pool. A ReLU after the
+//! norm (as after most of a ResNet's) can be fused in: the output is clamped in the same pass
+//! and the backward masks the gradient while it reads it, which saves the ReLU's own two
+//! passes. burn's `BatchNorm`
 //! module keeps the parameters and running statistics; [`forward`] only replaces its training
 //! forward, and burn's own op stays the reference in the tests.
 
@@ -17,11 +20,24 @@ use burn::tensor::Tensor;
 /// The fused training-mode BatchNorm, for the backends that implement it.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedBatchNormOps: burn::backend::Backend {
-    /// `(output, mean, biased variance)` of an NCHW input normalised with its batch statistics.
+    /// `(output, mean, biased variance)` of an NCHW input normalised with its batch statistics,
+    /// the output passed through a ReLU when `relu`.
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `relu(bn(x) + residual)`, the end of a residual block, as `(output, mean, biased
+    /// variance)`; its backward masks the gradient with burn's `relu_backward` and runs
+    /// [`fused_batch_norm_train_backward`](FusedBatchNormOps::fused_batch_norm_train_backward).
+    fn fused_batch_norm_add_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
@@ -34,22 +50,71 @@ pub trait FusedBatchNormOps: burn::backend::Backend {
         epsilon: f64,
         output_grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The same with a ReLU fused in: `output` is the forward's, and the gradient flows where
+    /// it is positive.
+    fn fused_batch_norm_relu_train_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        output_grad: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// `bn` applied to an NCHW batch: the fused path when training on flex in f32, burn's
 /// `BatchNorm::forward` otherwise. Running statistics are updated exactly as burn does.
 pub fn forward(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    normalize(bn, x, Activation::None)
+}
+
+/// `relu(bn(x))`, fused as [`forward`] is.
+pub fn forward_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    normalize(bn, x, Activation::Relu)
+}
+
+/// `relu(bn(x) + residual)`, fused as [`forward`] is: the sum is never stored.
+pub fn forward_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
+    normalize(bn, x, Activation::AddRelu(Box::new(residual)))
+}
+
+/// What follows the norm.
+enum Activation {
+    None,
+    Relu,
+    AddRelu(Box<Tensor<4>>),
+}
+
+fn normalize(bn: &BatchNorm, x: Tensor<4>, activation: Activation) -> Tensor<4> {
+    use burn::tensor::activation::relu;
     if !takes_fused_path(bn, &x) {
-        return bn.forward(x);
+        let y = bn.forward(x);
+        return match activation {
+            Activation::None => y,
+            Activation::Relu => relu(y),
+            Activation::AddRelu(residual) => relu(y + *residual),
+        };
     }
     let device = x.device();
-    let (output, mean, variance) =
-        <burn::backend::Dispatch as FusedBatchNormOps>::fused_batch_norm_train(
-            x.into_dispatch(),
-            bn.gamma.val().into_dispatch(),
-            bn.beta.val().into_dispatch(),
+    let (x, gamma, beta) = (
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+    );
+    type Ops = burn::backend::Dispatch;
+    let (output, mean, variance) = match activation {
+        Activation::None => Ops::fused_batch_norm_train(x, gamma, beta, bn.epsilon, false),
+        Activation::Relu => Ops::fused_batch_norm_train(x, gamma, beta, bn.epsilon, true),
+        Activation::AddRelu(residual) => Ops::fused_batch_norm_add_relu_train(
+            x,
+            gamma,
+            beta,
+            residual.into_dispatch(),
             bn.epsilon,
-        );
+        ),
+    };
     let mean = Tensor::<1>::from_dispatch(mean).detach();
     let variance = Tensor::<1>::from_dispatch(variance).detach();
     let running_mean = bn.running_mean.value_sync().to_device(&device);
@@ -106,33 +171,47 @@ mod flex {
         acc.iter().sum::<f32>() + tail
     }
 
-    /// `sum(f(values[i], other[i]))` with eight accumulators.
-    fn sum_zip(values: &[f32], other: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-        let mut acc = [0f32; 8];
-        let (a8, b8) = (values.chunks_exact(8), other.chunks_exact(8));
-        let tail: f32 = a8
-            .remainder()
-            .iter()
-            .zip(b8.remainder())
-            .map(|(&x, &y)| f(x, y))
-            .sum();
-        for (xs, ys) in a8.zip(b8) {
-            for ((a, &x), &y) in acc.iter_mut().zip(xs).zip(ys) {
-                *a += f(x, y);
+    /// The backward's two sums over one run, `(sum(g), sum((x - mean) g))`, where `g` is the
+    /// output gradient, masked to where the output is positive when `relu_output` is given;
+    /// eight accumulators each, so the compiler can vectorise them.
+    fn gradient_sums(xs: &[f32], dy: &[f32], relu_output: Option<&[f32]>, mean: f32) -> [f32; 2] {
+        let (mut sum, mut centred) = ([0f32; 8], [0f32; 8]);
+        let mut add = |lane: usize, x: f32, g: f32| {
+            sum[lane] += g;
+            centred[lane] += (x - mean) * g;
+        };
+        match relu_output {
+            None => {
+                for (i, (&x, &g)) in xs.iter().zip(dy).enumerate() {
+                    add(i % 8, x, g);
+                }
+            }
+            Some(ys) => {
+                for (i, ((&x, &g), &y)) in xs.iter().zip(dy).zip(ys).enumerate() {
+                    add(i % 8, x, if y > 0.0 { g } else { 0.0 });
+                }
             }
         }
-        acc.iter().sum::<f32>() + tail
+        [sum.iter().sum(), centred.iter().sum()]
     }
 
-    /// Per channel (in parallel), the sum over the batch of `f(channel, offset)`, where
+    /// Per channel (in parallel), the sums over the batch of `f(channel, offset)`, where
     /// `offset` starts that sample's run of `spatial` values in the NCHW buffer.
-    fn per_channel(
+    fn per_channel<const K: usize>(
         (n, c, s): (usize, usize, usize),
-        f: impl Fn(usize, usize) -> f32 + Sync,
-    ) -> Vec<f64> {
+        f: impl Fn(usize, usize) -> [f32; K] + Sync,
+    ) -> Vec<[f64; K]> {
         (0..c)
             .into_par_iter()
-            .map(|ch| (0..n).map(|b| f(ch, (b * c + ch) * s) as f64).sum())
+            .map(|ch| {
+                let mut total = [0f64; K];
+                for b in 0..n {
+                    for (t, v) in total.iter_mut().zip(f(ch, (b * c + ch) * s)) {
+                        *t += v as f64;
+                    }
+                }
+                total
+            })
             .collect()
     }
 
@@ -142,43 +221,19 @@ mod flex {
             gamma: FloatTensor<Self>,
             beta: FloatTensor<Self>,
             epsilon: f64,
+            relu: bool,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            let shape = x.layout().shape().clone();
-            let (n, c, s) = dims(&shape);
-            let count = (n * s) as f64;
-            let xs = contiguous_f32(&x);
-            let (gamma, beta) = (contiguous_f32(&gamma), contiguous_f32(&beta));
-            let mean: Vec<f32> = per_channel((n, c, s), |_, at| sum_of(&xs[at..at + s], |v| v))
-                .into_iter()
-                .map(|total| (total / count) as f32)
-                .collect();
-            // Two passes (mean first): the variance without the cancellation of E[x^2] - E[x]^2.
-            let variance: Vec<f32> = per_channel((n, c, s), |ch, at| {
-                let m = mean[ch];
-                sum_of(&xs[at..at + s], |v| (v - m) * (v - m))
-            })
-            .into_iter()
-            .map(|total| (total / count) as f32)
-            .collect();
-            let scale: Vec<f32> = (0..c)
-                .map(|ch| gamma[ch] / (variance[ch] as f64 + epsilon).sqrt() as f32)
-                .collect();
-            let mut out = vec![0f32; xs.len()];
-            out.par_chunks_mut(s)
-                .zip(xs.par_chunks(s))
-                .enumerate()
-                .for_each(|(i, (o, run))| {
-                    let ch = i % c;
-                    let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
-                    for (o, &v) in o.iter_mut().zip(run) {
-                        *o = (v - m) * k + b;
-                    }
-                });
-            (
-                tensor(out, shape),
-                tensor(mean, Shape::new([c])),
-                tensor(variance, Shape::new([c])),
-            )
+            forward(x, gamma, beta, epsilon, relu, None)
+        }
+
+        fn fused_batch_norm_add_relu_train(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            residual: FloatTensor<Self>,
+            epsilon: f64,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            forward(x, gamma, beta, epsilon, true, Some(residual))
         }
 
         fn fused_batch_norm_train_backward(
@@ -189,58 +244,154 @@ mod flex {
             epsilon: f64,
             output_grad: FloatTensor<Self>,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            let shape = x.layout().shape().clone();
-            let (n, c, s) = dims(&shape);
-            let count = (n * s) as f32;
-            let xs = contiguous_f32(&x);
-            let dy = contiguous_f32(&output_grad);
-            let (gamma, mean, variance) = (
-                contiguous_f32(&gamma),
-                contiguous_f32(&mean),
-                contiguous_f32(&variance),
-            );
-            let inv_std: Vec<f32> = variance
-                .iter()
-                .map(|&v| 1.0 / (v as f64 + epsilon).sqrt() as f32)
-                .collect();
-            let sum_dy: Vec<f32> = per_channel((n, c, s), |_, at| sum_of(&dy[at..at + s], |g| g))
-                .into_iter()
-                .map(|v| v as f32)
-                .collect();
-            let sum_dy_centred: Vec<f32> = per_channel((n, c, s), |ch, at| {
-                let m = mean[ch];
-                sum_zip(&xs[at..at + s], &dy[at..at + s], |v, g| (v - m) * g)
-            })
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
-            // dx = gamma inv_std (dy - mean(dy) - xhat mean(dy xhat)), as a*dy - b*(x - mean) - k.
-            let coefficients: Vec<(f32, f32, f32)> = (0..c)
-                .map(|ch| {
-                    let a = gamma[ch] * inv_std[ch];
-                    let b = a * inv_std[ch] * inv_std[ch] * sum_dy_centred[ch] / count;
-                    (a, b, a * sum_dy[ch] / count)
-                })
-                .collect();
-            let mut dx = vec![0f32; xs.len()];
-            dx.par_chunks_mut(s)
-                .zip(xs.par_chunks(s).zip(dy.par_chunks(s)))
-                .enumerate()
-                .for_each(|(i, (out, (run, grads)))| {
-                    let ch = i % c;
-                    let (a, b, k) = coefficients[ch];
-                    let m = mean[ch];
-                    for ((o, &v), &g) in out.iter_mut().zip(run).zip(grads) {
-                        *o = a * g - b * (v - m) - k;
-                    }
-                });
-            let gamma_grad: Vec<f32> = (0..c).map(|ch| sum_dy_centred[ch] * inv_std[ch]).collect();
-            (
-                tensor(dx, shape),
-                tensor(gamma_grad, Shape::new([c])),
-                tensor(sum_dy, Shape::new([c])),
-            )
+            backward(x, gamma, mean, variance, epsilon, output_grad, None)
         }
+
+        fn fused_batch_norm_relu_train_backward(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            epsilon: f64,
+            output_grad: FloatTensor<Self>,
+            output: FloatTensor<Self>,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            backward(x, gamma, mean, variance, epsilon, output_grad, Some(output))
+        }
+    }
+
+    /// Both forward passes: the norm, then `residual` added, then the ReLU when `relu`.
+    fn forward(
+        x: FloatTensor<Flex>,
+        gamma: FloatTensor<Flex>,
+        beta: FloatTensor<Flex>,
+        epsilon: f64,
+        relu: bool,
+        residual: Option<FloatTensor<Flex>>,
+    ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+        let shape = x.layout().shape().clone();
+        let (n, c, s) = dims(&shape);
+        let count = (n * s) as f64;
+        let xs = contiguous_f32(&x);
+        let (gamma, beta) = (contiguous_f32(&gamma), contiguous_f32(&beta));
+        let residual = residual.as_ref().map(contiguous_f32);
+        let residual = residual.as_deref();
+        let mean: Vec<f32> = per_channel((n, c, s), |_, at| [sum_of(&xs[at..at + s], |v| v)])
+            .into_iter()
+            .map(|[total]| (total / count) as f32)
+            .collect();
+        // Two passes (mean first): the variance without the cancellation of E[x^2] - E[x]^2.
+        let variance: Vec<f32> = per_channel((n, c, s), |ch, at| {
+            let m = mean[ch];
+            [sum_of(&xs[at..at + s], |v| (v - m) * (v - m))]
+        })
+        .into_iter()
+        .map(|[total]| (total / count) as f32)
+        .collect();
+        let scale: Vec<f32> = (0..c)
+            .map(|ch| gamma[ch] / (variance[ch] as f64 + epsilon).sqrt() as f32)
+            .collect();
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(s)
+            .zip(xs.par_chunks(s))
+            .enumerate()
+            .for_each(|(i, (o, run))| {
+                let ch = i % c;
+                let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
+                let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+                match residual {
+                    None => {
+                        for (o, &v) in o.iter_mut().zip(run) {
+                            *o = ((v - m) * k + b).max(floor);
+                        }
+                    }
+                    Some(residual) => {
+                        let residual = &residual[i * s..][..s];
+                        for ((o, &v), &r) in o.iter_mut().zip(run).zip(residual) {
+                            *o = ((v - m) * k + b + r).max(floor);
+                        }
+                    }
+                }
+            });
+        (
+            tensor(out, shape),
+            tensor(mean, Shape::new([c])),
+            tensor(variance, Shape::new([c])),
+        )
+    }
+
+    /// Both backward passes: `relu_output` is the forward's output when a ReLU was fused in.
+    fn backward(
+        x: FloatTensor<Flex>,
+        gamma: FloatTensor<Flex>,
+        mean: FloatTensor<Flex>,
+        variance: FloatTensor<Flex>,
+        epsilon: f64,
+        output_grad: FloatTensor<Flex>,
+        relu_output: Option<FloatTensor<Flex>>,
+    ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+        let shape = x.layout().shape().clone();
+        let (n, c, s) = dims(&shape);
+        let count = (n * s) as f32;
+        let xs = contiguous_f32(&x);
+        let dy = contiguous_f32(&output_grad);
+        let ys = relu_output.as_ref().map(contiguous_f32);
+        let ys = ys.as_deref();
+        let (gamma, mean, variance) = (
+            contiguous_f32(&gamma),
+            contiguous_f32(&mean),
+            contiguous_f32(&variance),
+        );
+        let inv_std: Vec<f32> = variance
+            .iter()
+            .map(|&v| 1.0 / (v as f64 + epsilon).sqrt() as f32)
+            .collect();
+        // One pass for both sums (`g` is `dy`, masked by the ReLU when there is one).
+        let (sum_dy, sum_dy_centred): (Vec<f32>, Vec<f32>) = per_channel((n, c, s), |ch, at| {
+            let run = at..at + s;
+            let ys = ys.map(|ys| &ys[run.clone()]);
+            gradient_sums(&xs[run.clone()], &dy[run], ys, mean[ch])
+        })
+        .into_iter()
+        .map(|[sum, centred]| (sum as f32, centred as f32))
+        .unzip();
+        // dx = gamma inv_std (dy - mean(dy) - xhat mean(dy xhat)), as a*dy - b*(x - mean) - k.
+        let coefficients: Vec<(f32, f32, f32)> = (0..c)
+            .map(|ch| {
+                let a = gamma[ch] * inv_std[ch];
+                let b = a * inv_std[ch] * inv_std[ch] * sum_dy_centred[ch] / count;
+                (a, b, a * sum_dy[ch] / count)
+            })
+            .collect();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(s)
+            .zip(xs.par_chunks(s).zip(dy.par_chunks(s)))
+            .enumerate()
+            .for_each(|(i, (out, (run, grads)))| {
+                let ch = i % c;
+                let (a, b, k) = coefficients[ch];
+                let m = mean[ch];
+                match ys {
+                    None => {
+                        for ((o, &v), &g) in out.iter_mut().zip(run).zip(grads) {
+                            *o = a * g - b * (v - m) - k;
+                        }
+                    }
+                    Some(ys) => {
+                        let ys = &ys[i * s..][..s];
+                        for (((o, &v), &g), &y) in out.iter_mut().zip(run).zip(grads).zip(ys) {
+                            let g = if y > 0.0 { g } else { 0.0 };
+                            *o = a * g - b * (v - m) - k;
+                        }
+                    }
+                }
+            });
+        let gamma_grad: Vec<f32> = (0..c).map(|ch| sum_dy_centred[ch] * inv_std[ch]).collect();
+        (
+            tensor(dx, shape),
+            tensor(gamma_grad, Shape::new([c])),
+            tensor(sum_dy, Shape::new([c])),
+        )
     }
 }
 
@@ -257,13 +408,15 @@ mod autodiff {
     struct FusedBatchNormTrain;
 
     impl<B: Backend + FusedBatchNormOps> Backward<B, 3> for FusedBatchNormTrain {
-        /// Input, gamma, and the batch statistics the forward computed.
+        /// Input, gamma, the batch statistics the forward computed, epsilon, and the output
+        /// when a ReLU was fused in.
         type State = (
             FloatTensor<B>,
             FloatTensor<B>,
             FloatTensor<B>,
             FloatTensor<B>,
             f64,
+            Option<FloatTensor<B>>,
         );
 
         fn backward(
@@ -274,9 +427,13 @@ mod autodiff {
         ) {
             let [node_x, node_gamma, node_beta] = ops.parents;
             let grad = grads.consume::<B>(&ops.node);
-            let (x, gamma, mean, variance, epsilon) = ops.state;
-            let (x_grad, gamma_grad, beta_grad) =
-                B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad);
+            let (x, gamma, mean, variance, epsilon, relu_output) = ops.state;
+            let (x_grad, gamma_grad, beta_grad) = match relu_output {
+                None => B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad),
+                Some(output) => B::fused_batch_norm_relu_train_backward(
+                    x, gamma, mean, variance, epsilon, grad, output,
+                ),
+            };
             if let Some(node) = node_x {
                 grads.register::<B>(node.id, x_grad);
             }
@@ -289,12 +446,94 @@ mod autodiff {
         }
     }
 
+    #[derive(Debug)]
+    struct FusedBatchNormAddReluTrain;
+
+    impl<B: Backend + FusedBatchNormOps> Backward<B, 4> for FusedBatchNormAddReluTrain {
+        /// Input, gamma, the batch statistics, epsilon, and the output.
+        type State = (
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            f64,
+            FloatTensor<B>,
+        );
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 4>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let [node_x, node_gamma, node_beta, node_residual] = ops.parents;
+            let (x, gamma, mean, variance, epsilon, output) = ops.state;
+            // The gradient of the sum, which is the residual's.
+            let grad = B::relu_backward(output, grads.consume::<B>(&ops.node));
+            let (x_grad, gamma_grad, beta_grad) =
+                B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad.clone());
+            for (node, value) in [
+                (node_x, x_grad),
+                (node_gamma, gamma_grad),
+                (node_beta, beta_grad),
+                (node_residual, grad),
+            ] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, value);
+                }
+            }
+        }
+    }
+
     impl<B: Backend + FusedBatchNormOps, C: CheckpointStrategy> FusedBatchNormOps for Autodiff<B, C> {
+        fn fused_batch_norm_add_relu_train(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            residual: FloatTensor<Self>,
+            epsilon: f64,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            let nodes = [x.node(), gamma.node(), beta.node(), residual.node()];
+            let (x, gamma, beta, residual) = (
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                residual.into_primitive(),
+            );
+            let (output, mean, variance) = B::fused_batch_norm_add_relu_train(
+                x.clone(),
+                gamma.clone(),
+                beta,
+                residual,
+                epsilon,
+            );
+            let output = match FusedBatchNormAddReluTrain
+                .prepare::<C>(nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let state = (
+                        x,
+                        gamma,
+                        mean.clone(),
+                        variance.clone(),
+                        epsilon,
+                        output.clone(),
+                    );
+                    prep.finish(state, output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(output),
+            };
+            (output, Self::from_inner(mean), Self::from_inner(variance))
+        }
+
         fn fused_batch_norm_train(
             x: FloatTensor<Self>,
             gamma: FloatTensor<Self>,
             beta: FloatTensor<Self>,
             epsilon: f64,
+            relu: bool,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let nodes = [x.node(), gamma.node(), beta.node()];
             let (x, gamma, beta) = (
@@ -303,14 +542,23 @@ mod autodiff {
                 beta.into_primitive(),
             );
             let (output, mean, variance) =
-                B::fused_batch_norm_train(x.clone(), gamma.clone(), beta, epsilon);
+                B::fused_batch_norm_train(x.clone(), gamma.clone(), beta, epsilon, relu);
             let output = match FusedBatchNormTrain
                 .prepare::<C>(nodes)
                 .compute_bound()
                 .stateful()
             {
                 OpsKind::Tracked(prep) => {
-                    prep.finish((x, gamma, mean.clone(), variance.clone(), epsilon), output)
+                    let relu_output = relu.then(|| output.clone());
+                    let state = (
+                        x,
+                        gamma,
+                        mean.clone(),
+                        variance.clone(),
+                        epsilon,
+                        relu_output,
+                    );
+                    prep.finish(state, output)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(output),
             };
@@ -340,6 +588,32 @@ mod autodiff {
                 Self::from_inner(dbeta),
             )
         }
+
+        /// Not differentiated again: computed on the inner backend, outside the graph.
+        fn fused_batch_norm_relu_train_backward(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            epsilon: f64,
+            output_grad: FloatTensor<Self>,
+            output: FloatTensor<Self>,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            let (dx, dgamma, dbeta) = B::fused_batch_norm_relu_train_backward(
+                Self::inner(x),
+                Self::inner(gamma),
+                Self::inner(mean),
+                Self::inner(variance),
+                epsilon,
+                Self::inner(output_grad),
+                Self::inner(output),
+            );
+            (
+                Self::from_inner(dx),
+                Self::from_inner(dgamma),
+                Self::from_inner(dbeta),
+            )
+        }
     }
 }
 
@@ -350,7 +624,8 @@ mod tests {
     use burn::tensor::{Device, Distribution};
 
     /// Forward output, running statistics and the gradients of input, gamma and beta, against
-    /// burn's own training-mode BatchNorm.
+    /// burn's own training-mode BatchNorm, alone, with a ReLU after it, and with a residual
+    /// added before the ReLU.
     #[test]
     fn matches_burns_batch_norm_forward_and_backward() {
         let device = Device::flex().autodiff();
@@ -368,29 +643,32 @@ mod tests {
         let x = Tensor::<4>::random([5, 6, 7, 3], Distribution::Normal(1.5, 2.0), &device);
         let weights = Tensor::<4>::random([5, 6, 7, 3], Distribution::Normal(0.0, 1.0), &device);
 
-        let run = |bn: &BatchNorm, fused: bool| {
+        // A residual added before the ReLU, as at the end of a block.
+        let residual = Tensor::<4>::random([5, 6, 7, 3], Distribution::Normal(0.0, 1.0), &device);
+        let run = |bn: &BatchNorm, fused: bool, variant: usize| {
+            use burn::tensor::activation::relu;
             let x = x.clone().detach().require_grad();
-            let y = if fused {
-                forward(bn, x.clone())
-            } else {
-                bn.forward(x.clone())
+            let r = residual.clone().detach().require_grad();
+            let y = match (fused, variant) {
+                (true, 0) => forward(bn, x.clone()),
+                (true, 1) => forward_relu(bn, x.clone()),
+                (true, _) => forward_add_relu(bn, x.clone(), r.clone()),
+                (false, 0) => bn.forward(x.clone()),
+                (false, 1) => relu(bn.forward(x.clone())),
+                (false, _) => relu(bn.forward(x.clone()) + r.clone()),
             };
             let grads = (y.clone() * weights.clone()).sum().backward();
             let values = |t: Tensor<1>| t.into_data().iter::<f32>().collect::<Vec<_>>();
+            let flat = |t: Tensor<4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
             (
-                y.into_data().iter::<f32>().collect::<Vec<_>>(),
-                x.grad(&grads)
-                    .unwrap()
-                    .into_data()
-                    .iter::<f32>()
-                    .collect::<Vec<_>>(),
+                flat(y),
+                flat(x.grad(&grads).unwrap()),
                 values(bn.gamma.grad(&grads).unwrap().reshape([6])),
                 values(bn.beta.grad(&grads).unwrap().reshape([6])),
+                r.grad(&grads).map(flat),
             )
         };
         assert!(takes_fused_path(&ours, &x));
-        let fused = run(&ours, true);
-        let plain = run(&theirs, false);
         let close = |a: &[f32], b: &[f32], what: &str| {
             assert_eq!(a.len(), b.len());
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -400,10 +678,25 @@ mod tests {
                 );
             }
         };
-        close(&fused.0, &plain.0, "output");
-        close(&fused.1, &plain.1, "input gradient");
-        close(&fused.2, &plain.2, "gamma gradient");
-        close(&fused.3, &plain.3, "beta gradient");
+        for (variant, what) in ["norm", "norm + relu", "norm + residual + relu"]
+            .iter()
+            .enumerate()
+        {
+            let fused = run(&ours, true, variant);
+            let plain = run(&theirs, false, variant);
+            close(&fused.0, &plain.0, &format!("{what}: output"));
+            close(&fused.1, &plain.1, &format!("{what}: input gradient"));
+            close(&fused.2, &plain.2, &format!("{what}: gamma gradient"));
+            close(&fused.3, &plain.3, &format!("{what}: beta gradient"));
+            if variant > 0 {
+                // The ReLU clamped something, and masked some gradient.
+                assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v > 0.0));
+            }
+            if variant == 2 {
+                let (a, b) = (fused.4.expect("residual gradient"), plain.4.unwrap());
+                close(&a, &b, &format!("{what}: residual gradient"));
+            }
+        }
 
         crate::model::sync_running_stats(&ours);
         crate::model::sync_running_stats(&theirs);
