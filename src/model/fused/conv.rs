@@ -157,14 +157,20 @@ mod flex {
             (CHUNK_FLOATS / (self.positions() * self.taps()).max(1)).clamp(1, self.n)
         }
 
-        /// The zero-padded size of one input plane: `[H + 2 * pad_h, W + 2 * pad_w]`.
-        fn padded_plane(&self) -> [usize; 2] {
-            [self.h + 2 * self.pad[0], self.w + 2 * self.pad[1]]
+        /// The padded copy of one input plane as `[H + 2 * pad_h, pitch]` with its row length
+        /// `W + 2 * pad_w` split into `stride_w` phases of `phase` values each (columns `x` with
+        /// `x % stride_w == p` together, in order): every kernel tap then reads a contiguous run
+        /// of each row, whatever the stride. Returns `[rows, pitch, phase]`.
+        fn padded_plane(&self) -> [usize; 3] {
+            let sw = self.stride[1];
+            let phase = (self.w + 2 * self.pad[1]).div_ceil(sw);
+            [self.h + 2 * self.pad[0], sw * phase, phase]
         }
 
-        /// Samples `first..first + count` with their zero border, so that im2col reads plain
-        /// runs without bounds checks: a slice of `xs` when there is no padding, else a copy
-        /// in `buffer` (samples in parallel when `parallel`).
+        /// Samples `first..first + count` padded and phase-split ([`Self::padded_plane`]), so
+        /// that im2col copies plain runs without bounds checks: a slice of `xs` when there is
+        /// no padding and no horizontal stride, else a copy in `buffer` (samples in parallel
+        /// when `parallel`).
         fn padded<'a>(
             &self,
             xs: &'a [f32],
@@ -173,10 +179,11 @@ mod flex {
             parallel: bool,
         ) -> &'a [f32] {
             let image = self.cin * self.h * self.w;
-            if self.pad == [0, 0] {
+            if self.pad == [0, 0] && self.stride[1] == 1 {
                 return &xs[first * image..][..count * image];
             }
-            let padded_image = self.cin * self.padded_plane().iter().product::<usize>();
+            let [hp, pitch, _] = self.padded_plane();
+            let padded_image = self.cin * hp * pitch;
             let padded = prefix(buffer, count * padded_image);
             if parallel {
                 padded
@@ -189,25 +196,40 @@ mod flex {
             padded
         }
 
-        /// Copies samples `first..` (`padded.len()` holds as many) into `padded` with their
-        /// zero border.
+        /// Copies samples `first..` (`padded.len()` holds as many) into `padded`, padded and
+        /// phase-split.
         fn pad_samples(&self, xs: &[f32], first: usize, padded: &mut [f32]) {
             let Geometry {
                 h,
                 w,
                 pad: [ph, pw],
+                stride: [_, sw],
                 ..
             } = *self;
-            let [hp, wp] = self.padded_plane();
+            let [hp, pitch, phase] = self.padded_plane();
             let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
-            for (out, image) in padded.chunks_exact_mut(hp * wp).zip(planes) {
-                out[..ph * wp].fill(0.0);
-                out[(ph + h) * wp..].fill(0.0);
-                let rows = out[ph * wp..(ph + h) * wp].chunks_exact_mut(wp);
+            for (out, image) in padded.chunks_exact_mut(hp * pitch).zip(planes) {
+                out[..ph * pitch].fill(0.0);
+                out[(ph + h) * pitch..].fill(0.0);
+                let rows = out[ph * pitch..(ph + h) * pitch].chunks_exact_mut(pitch);
                 for (out, input) in rows.zip(image.chunks_exact(w)) {
-                    out[..pw].fill(0.0);
-                    out[pw..pw + w].copy_from_slice(input);
-                    out[pw + w..].fill(0.0);
+                    if sw == 1 {
+                        out[..pw].fill(0.0);
+                        out[pw..pw + w].copy_from_slice(input);
+                        out[pw + w..].fill(0.0);
+                    } else {
+                        out.fill(0.0);
+                        // Phase `p` holds padded columns `p, p + sw, ...`; input column
+                        // `x - pw` of those that lie in the image.
+                        for (p, values) in out.chunks_exact_mut(phase).enumerate() {
+                            let skip = pw.saturating_sub(p).div_ceil(sw);
+                            let first_input = skip * sw + p - pw;
+                            let inputs = input.iter().skip(first_input).step_by(sw);
+                            for (o, &v) in values[skip..].iter_mut().zip(inputs) {
+                                *o = v;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -216,7 +238,7 @@ mod flex {
         /// rows` of the padded samples in `padded` (`row.len() / (rows * W_out)` of them): each
         /// value is the input under that tap at one output position. The rows of all taps make
         /// the im2col `[taps, samples * positions]`, positions contiguous, which GEMM reads as
-        /// is; each output row is one run of a padded input row (a copy when the stride is 1).
+        /// is; each output row is a copy of one run of a padded input row.
         fn fill_tap_row(
             &self,
             padded: &[f32],
@@ -232,40 +254,39 @@ mod flex {
                 wo,
                 ..
             } = *self;
-            let [hp, wp] = self.padded_plane();
+            let [hp, pitch, phase] = self.padded_plane();
             let (c, i, j) = (tap / (kh * kw), tap / kw % kh, tap % kw);
-            let samples = padded.chunks_exact(cin * hp * wp);
+            // Column `ox * sw + j` of a padded row is value `ox + j / sw` of phase `j % sw`.
+            let start = (first_row * sh + i) * pitch + j % sw * phase + j / sw;
+            let samples = padded.chunks_exact(cin * hp * pitch);
             for (sample, image) in row.chunks_exact_mut(rows * wo).zip(samples) {
-                let plane = &image[c * hp * wp..][..hp * wp];
-                for (oy, run) in (first_row..).zip(sample.chunks_exact_mut(wo)) {
-                    let input = &plane[(oy * sh + i) * wp + j..];
-                    if sw == 1 {
-                        copy_run(run, &input[..wo]);
-                    } else {
-                        for (o, v) in run.iter_mut().zip(input.iter().step_by(sw)) {
-                            *o = *v;
-                        }
-                    }
-                }
+                let plane = &image[c * hp * pitch..][..hp * pitch];
+                copy_rows(sample, &plane[start..], wo, sh * pitch);
             }
         }
     }
 
-    /// `dst.copy_from_slice(src)` for the short runs of im2col (4 to 32 values) in fixed-size
-    /// pieces, which compile to vector moves instead of a call to `memcpy`.
+    /// Copies `src[r * step..][..width]` to `dst[r * width..][..width]` for every row `r` of
+    /// `dst`. The short rows of im2col (4 to 32 values in a CIFAR ResNet) get copies of a
+    /// fixed size, which compile to vector moves instead of calls to `memcpy`.
     #[inline(always)]
-    fn copy_run(dst: &mut [f32], src: &[f32]) {
-        let (mut dst16, mut src16) = (dst.chunks_exact_mut(16), src.chunks_exact(16));
-        for (d, s) in (&mut dst16).zip(&mut src16) {
-            d.copy_from_slice(s);
+    fn copy_rows(dst: &mut [f32], src: &[f32], width: usize, step: usize) {
+        fn fixed<const W: usize>(dst: &mut [f32], src: &[f32], step: usize) {
+            for (r, out) in dst.chunks_exact_mut(W).enumerate() {
+                let out: &mut [f32; W] = out.try_into().expect("chunks of W");
+                *out = src[r * step..][..W].try_into().expect("a run of W");
+            }
         }
-        let (dst, src) = (dst16.into_remainder(), src16.remainder());
-        let (mut dst4, mut src4) = (dst.chunks_exact_mut(4), src.chunks_exact(4));
-        for (d, s) in (&mut dst4).zip(&mut src4) {
-            d.copy_from_slice(s);
-        }
-        for (d, s) in dst4.into_remainder().iter_mut().zip(src4.remainder()) {
-            *d = *s;
+        match width {
+            4 => fixed::<4>(dst, src, step),
+            8 => fixed::<8>(dst, src, step),
+            16 => fixed::<16>(dst, src, step),
+            32 => fixed::<32>(dst, src, step),
+            _ => {
+                for (r, out) in dst.chunks_exact_mut(width).enumerate() {
+                    out.copy_from_slice(&src[r * step..][..width]);
+                }
+            }
         }
     }
 
@@ -613,6 +634,9 @@ mod tests {
             (3, 2, 1, 2),
             (3, 1, 1, 3),
             (3, 2, 1, 5),
+            // Output rows of 8 and 4: the fixed-size row copies.
+            (3, 1, 1, 8),
+            (3, 2, 1, 8),
         ] {
             let conv = Conv2dConfig::new([4, 6], [kernel, kernel])
                 .with_stride([stride, stride])
