@@ -1,8 +1,9 @@
 //! Operations of our own for flex, where burn 0.22's generic ones are slow: BatchNorm in
-//! training mode (forward and backward in one pass each) and the convolution (forward, input
-//! and weight gradients on GEMM; in inference too). Each is a burn backend extension with a
-//! hand-written backward; on any other backend, in bf16, or when switched off, burn's own module
-//! forward runs instead, and burn's ops are the reference in the tests.
+//! training mode (forward and backward in one pass each, with a following ReLU or residual
+//! add + ReLU fused in) and the convolution (forward, input and weight gradients on GEMM; in
+//! inference too). Each is a burn backend extension with a hand-written backward; on any other
+//! backend, in bf16, or when switched off, burn's own module forward runs instead, and burn's
+//! ops are the reference in the tests.
 
 pub mod batch_norm;
 pub mod conv;
