@@ -5,12 +5,13 @@
 //! and backward; profiling put about a tenth of the BYOL step in those copies alone. Here the
 //! statistics are per-channel sums over the contiguous `H x W` runs of an NCHW tensor: forward
 //! reads the input twice and writes the output once, backward reads input and gradient twice
-//! and writes the input gradient once, channels split over the rayon pool. A ReLU after the
-//! norm (as after most of a ResNet's) can be fused in: the output is clamped in the same pass
-//! and the backward masks the gradient while it reads it, which saves the ReLU's own two
-//! passes. burn's `BatchNorm`
-//! module keeps the parameters and running statistics; [`forward`] only replaces its training
-//! forward, and burn's own op stays the reference in the tests.
+//! and writes the input gradient once, channels split over the rayon pool. The ReLU after a
+//! norm ([`forward_relu`]), or a residual block's add + ReLU ([`forward_add_relu`]), is fused
+//! in: the output is clamped (and the residual added) in the same pass, and the backward masks
+//! the gradient as it reads it. That saves the ReLU's and the add's passes and, more, the
+//! tensors burn's ReLU keeps for its backward (its input: the norm's output or the sum).
+//! burn's `BatchNorm` module keeps the parameters and running statistics; these functions only
+//! replace its training forward, and burn's own ops stay the reference in the tests.
 
 use burn::backend::backend_extension;
 use burn::backend::tensor::FloatTensor;

@@ -291,8 +291,8 @@ mod flex {
     }
 
     thread_local! {
-        /// Three buffers per thread (padded input, im2col, GEMM product), kept between calls: the tiles of a
-        /// convolution cost neither an allocation nor fresh zeroed pages.
+        /// Three buffers per thread (padded input, im2col, GEMM product), kept between calls:
+        /// the tiles of a convolution cost neither an allocation nor fresh zeroed pages.
         static SCRATCH: RefCell<[Vec<f32>; 3]> =
             const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
     }
