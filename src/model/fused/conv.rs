@@ -99,6 +99,15 @@ mod flex {
     #[cfg(test)]
     const CHUNK_FLOATS: usize = 1000;
 
+    /// Largest weight gradient (floats) whose GEMM sums are split over the threads, each into a
+    /// partial result of its own (one `[C_out, taps]` per thread): the narrow layers. Larger
+    /// ones use gemm's threading, which parallelises them well without the extra memory. In
+    /// the tests the 1x1 kernels take the split and the larger ones gemm's threading.
+    #[cfg(not(test))]
+    const SPLIT_SUM_MAX_RESULT: usize = 1 << 16;
+    #[cfg(test)]
+    const SPLIT_SUM_MAX_RESULT: usize = 100;
+
     /// Output positions per GEMM of a forward convolution (rounded down to whole output rows,
     /// or up to whole samples): the tile's im2col (at most 256 x 4608 floats in ResNet-18)
     /// stays in L2 between being written and being read. The tests use a small one, so that
@@ -490,17 +499,48 @@ mod flex {
                                 .copy_from_slice(&dys[at..at + positions]);
                         }
                     });
-                gemm_into(
-                    &mut transposed,
-                    [1, cout],
-                    [cout, taps, width],
-                    grads,
-                    [width, 1],
-                    columns,
-                    [1, width],
-                    first > 0,
-                    gemm::Parallelism::Rayon(0),
-                );
+                if cout * taps > SPLIT_SUM_MAX_RESULT {
+                    gemm_into(
+                        &mut transposed,
+                        [1, cout],
+                        [cout, taps, width],
+                        grads,
+                        [width, 1],
+                        columns,
+                        [1, width],
+                        first > 0,
+                        gemm::Parallelism::Rayon(0),
+                    );
+                    continue;
+                }
+                // Small results: the sum split over the threads, each a single-threaded GEMM
+                // into its own partial result. gemm's own threading splits `m x n` only, which
+                // for these is a few small jobs per depth block, with a fork-join each.
+                let parts = rayon::current_num_threads().clamp(1, width);
+                let partials: Vec<Vec<f32>> = (0..parts)
+                    .into_par_iter()
+                    .map(|part| {
+                        let (k0, k1) = (width * part / parts, width * (part + 1) / parts);
+                        let mut partial = vec![0f32; taps * cout];
+                        gemm_into(
+                            &mut partial,
+                            [1, cout],
+                            [cout, taps, k1 - k0],
+                            &grads[k0..],
+                            [width, 1],
+                            &columns[k0..],
+                            [1, width],
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                        partial
+                    })
+                    .collect();
+                for partial in partials {
+                    for (t, p) in transposed.iter_mut().zip(partial) {
+                        *t += p;
+                    }
+                }
             }
             let mut total = vec![0f32; cout * taps];
             for (co, out) in total.chunks_exact_mut(taps).enumerate() {
