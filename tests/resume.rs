@@ -120,9 +120,6 @@ fn gradient_accumulation_steps_once_per_n_batches_and_resumes_exactly() {
     assert_eq!(losses(&stopped), losses(&straight));
 }
 
-/// `kill -9` of a `byol train` process at two points of a checkpoint save: with half the new
-/// files written, and between moving the old checkpoint aside and moving the new one in.
-/// Either way the previous checkpoint loads, and `--resume` finishes the run.
 /// `byol train --quiet --config CONFIG --data DATA --out RUN`, for flags to be added.
 fn train_command(config: &Path, data: &Path, run: &Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_byol"));
@@ -136,6 +133,9 @@ fn train_command(config: &Path, data: &Path, run: &Path) -> std::process::Comman
     command
 }
 
+/// `kill -9` of a `byol train` process at two points of a checkpoint save: with half the new
+/// files written, and between moving the old checkpoint aside and moving the new one in.
+/// Either way the previous checkpoint loads, and `--resume` finishes the run.
 #[test]
 fn kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable() {
     use std::io::{BufRead, BufReader};

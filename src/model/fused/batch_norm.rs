@@ -173,7 +173,8 @@ mod flex {
     }
 
     /// The backward's two sums over one run, `(sum(g), sum((x - mean) g))`, where `g` is the
-    /// output gradient, masked to where the output is positive when `relu_output` is given;
+    /// output gradient, zeroed where the output is zero or negative when `relu_output` is
+    /// given (kept where it is NaN, as burn's `relu_backward` does);
     /// eight accumulators each, so the compiler can vectorise them.
     fn gradient_sums(xs: &[f32], dy: &[f32], relu_output: Option<&[f32]>, mean: f32) -> [f32; 2] {
         let (mut sum, mut centred) = ([0f32; 8], [0f32; 8]);
@@ -189,7 +190,7 @@ mod flex {
             }
             Some(ys) => {
                 for (i, ((&x, &g), &y)) in xs.iter().zip(dy).zip(ys).enumerate() {
-                    add(i % 8, x, if y > 0.0 { g } else { 0.0 });
+                    add(i % 8, x, if y <= 0.0 { 0.0 } else { g });
                 }
             }
         }
@@ -299,17 +300,18 @@ mod flex {
             .for_each(|(i, (o, run))| {
                 let ch = i % c;
                 let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
-                let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+                // As burn's ReLU: zero where not positive, NaN kept (so a blow-up still shows).
+                let activate = |y: f32| if relu && y <= 0.0 { 0.0 } else { y };
                 match residual {
                     None => {
                         for (o, &v) in o.iter_mut().zip(run) {
-                            *o = ((v - m) * k + b).max(floor);
+                            *o = activate((v - m) * k + b);
                         }
                     }
                     Some(residual) => {
                         let residual = &residual[i * s..][..s];
                         for ((o, &v), &r) in o.iter_mut().zip(run).zip(residual) {
-                            *o = ((v - m) * k + b + r).max(floor);
+                            *o = activate((v - m) * k + b + r);
                         }
                     }
                 }
@@ -381,7 +383,7 @@ mod flex {
                     Some(ys) => {
                         let ys = &ys[i * s..][..s];
                         for (((o, &v), &g), &y) in out.iter_mut().zip(run).zip(grads).zip(ys) {
-                            let g = if y > 0.0 { g } else { 0.0 };
+                            let g = if y <= 0.0 { 0.0 } else { g };
                             *o = a * g - b * (v - m) - k;
                         }
                     }
@@ -708,5 +710,23 @@ mod tests {
         let (a, b) = (stats(&ours), stats(&theirs));
         close(&a[0], &b[0], "running mean");
         close(&a[1], &b[1], "running variance");
+    }
+
+    /// A NaN in the input comes out of the fused ReLU as NaN, as from burn's, so that the
+    /// trainer's non-finite-loss guard still sees a blow-up.
+    #[test]
+    fn fused_relu_keeps_nan_as_burns_relu_does() {
+        let device = Device::flex().autodiff();
+        let mut values = vec![0.5f32; 2 * 3 * 4];
+        values[5] = f32::NAN;
+        let x =
+            Tensor::<4>::from_data(burn::tensor::TensorData::new(values, [2, 3, 2, 2]), &device);
+        let nans = |y: Tensor<4>| y.into_data().iter::<f32>().filter(|v| v.is_nan()).count();
+        let bn = BatchNormConfig::new(3).init(&device);
+        assert!(takes_fused_path(&bn, &x));
+        let fused = nans(forward_relu(&bn, x.clone()));
+        let theirs = nans(burn::tensor::activation::relu(bn.forward(x)));
+        assert!(theirs > 0);
+        assert_eq!(fused, theirs);
     }
 }
