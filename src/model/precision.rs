@@ -4,6 +4,10 @@
 //! and normalisation), the loss, the EMA of the target. Gradients flow back through the casts,
 //! so they arrive in f32 on the f32 weights.
 //!
+//! On flex with an AMX CPU (Intel Sapphire Rapids and later) the convolutions keep f32 tensors
+//! and round to bf16 inside their GEMMs instead (`fused::amx`), which is where the speed is;
+//! without AMX they take burn's bf16 convolution as on any backend.
+//!
 //! The scope is per thread (as PyTorch's), so tests running side by side do not see each
 //! other's.
 
@@ -95,6 +99,14 @@ pub(crate) fn conv_options(conv: &Conv2d) -> Option<ConvOptions<2>> {
         conv.dilation,
         conv.groups,
     ))
+}
+
+/// `conv` in the current scope's precision, on burn's own convolution.
+pub(crate) fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match (compute_dtype(), conv_options(conv)) {
+        (Some(dtype), Some(options)) => conv2d_in(conv, x, options, dtype),
+        _ => conv.forward(x),
+    }
 }
 
 /// `conv` (with its [`conv_options`]) in `dtype`, the result back in f32.

@@ -128,17 +128,13 @@ fn conv(
         .init(device)
 }
 
-/// A convolution applied to an NCHW batch: in the autocast precision when one is set, else
-/// on flex through byol's GEMM convolution (forward and gradients).
+/// A convolution applied to an NCHW batch in the autocast precision: on flex through byol's
+/// GEMM convolution (forward and gradients).
 fn convolve(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    use super::precision::{compute_dtype, conv_options, conv2d_in};
-    if let (Some(dtype), Some(options)) = (compute_dtype(), conv_options(conv)) {
-        return conv2d_in(conv, x, options, dtype);
-    }
     #[cfg(feature = "flex")]
     return super::fused::conv::forward(conv, x);
     #[cfg(not(feature = "flex"))]
-    return conv.forward(x);
+    return super::precision::conv2d(conv, x);
 }
 
 /// A BatchNorm layer applied to an NCHW batch (fused on flex when training).

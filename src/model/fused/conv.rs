@@ -23,48 +23,59 @@ use burn::backend::tensor::FloatTensor;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
+use crate::model::precision;
+
 #[backend_extension(Flex, Autodiff)]
 pub trait GemmConvOps: burn::backend::Backend {
-    /// `conv2d(x, weight)` without bias.
+    /// `conv2d(x, weight)` without bias; with `bf16`, its GEMMs on bf16 AMX tiles
+    /// ([`super::amx`], which must be available) with f32 sums.
     fn gemm_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         options: ConvOptions<2>,
+        bf16: bool,
     ) -> FloatTensor<Self>;
 
     /// The weight gradient of [`gemm_conv2d`](GemmConvOps::gemm_conv2d) (no groups, no
     /// dilation, symmetric padding): `dy` as `[C_out, N*P]` times `im2col(x)` as
-    /// `[N*P, C_in*kh*kw]`, one GEMM per chunk of samples.
+    /// `[N*P, C_in*kh*kw]`, one GEMM per chunk of samples; `bf16` as in `gemm_conv2d`.
     fn gemm_conv2d_weight_grad(
         x: FloatTensor<Self>,
         output_grad: FloatTensor<Self>,
         kernel: [usize; 2],
         options: ConvOptions<2>,
+        bf16: bool,
     ) -> FloatTensor<Self>;
 }
 
-/// `conv` applied to an NCHW batch: through [`GemmConvOps`] on flex in f32 without a bias,
-/// burn's `Conv2d::forward` otherwise.
+/// `conv` applied to an NCHW batch: through [`GemmConvOps`] on flex with f32 tensors and no
+/// bias (under a bf16 autocast scope with bf16 GEMMs, where the CPU has AMX), as
+/// [`precision::conv2d`] otherwise.
 pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let Some(options) = crate::model::precision::conv_options(conv) else {
-        return conv.forward(x);
+    let Some((options, bf16)) = gemm_path(conv, &x) else {
+        return precision::conv2d(conv, x);
     };
-    if !takes_gemm_path(conv, &x) {
-        return conv.forward(x);
-    }
     Tensor::from_dispatch(<burn::backend::Dispatch as GemmConvOps>::gemm_conv2d(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
         options,
+        bf16,
     ))
 }
 
-fn takes_gemm_path(conv: &Conv2d, x: &Tensor<4>) -> bool {
-    let device = x.device();
-    super::enabled()
+/// The options `conv` takes our path with, and whether in bf16; `None` where it does not.
+fn gemm_path(conv: &Conv2d, x: &Tensor<4>) -> Option<(ConvOptions<2>, bool)> {
+    let options = precision::conv_options(conv)?;
+    let bf16 = match precision::compute_dtype() {
+        None => false,
+        Some(burn::tensor::FloatDType::BF16) if super::amx::available() => true,
+        Some(_) => return None,
+    };
+    let ours = super::enabled()
         && conv.bias.is_none()
         && x.dtype() == burn::tensor::DType::F32
-        && super::is_flex(&device)
+        && super::is_flex(&x.device());
+    ours.then_some((options, bf16))
 }
 
 /// Whether our GEMM convolution and weight gradient handle these options (flex's convolution
@@ -83,7 +94,7 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 }
 
 mod flex {
-    use super::super::{contiguous_f32, tensor};
+    use super::super::{amx, contiguous_f32, tensor};
     use super::{GemmConvOps, on_gemm};
     use burn::backend::Flex;
     use burn::backend::ops::{ConvOptions, ModuleOps};
@@ -299,22 +310,28 @@ mod flex {
         }
     }
 
+    /// A thread's buffers for the tiles of a forward convolution.
+    #[derive(Default)]
+    struct Scratch {
+        padded: Vec<f32>,
+        columns: Vec<f32>,
+        product: Vec<f32>,
+        /// The im2col tile packed for AMX (bf16).
+        packed: Vec<u16>,
+    }
+
     thread_local! {
-        /// Three buffers per thread (padded input, im2col, GEMM product), kept between calls:
-        /// the tiles of a convolution cost neither an allocation nor fresh zeroed pages.
-        static SCRATCH: RefCell<[Vec<f32>; 3]> =
-            const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+        /// Kept between calls: the tiles of a convolution cost neither an allocation nor fresh
+        /// zeroed pages.
+        static SCRATCH: RefCell<Scratch> = RefCell::default();
     }
 
     /// Runs `f` with this thread's scratch buffers (fresh ones if they are taken, as when a
     /// rayon worker that holds them picks up another convolution's job).
-    fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buffers) => {
-                let [a, b, c] = &mut *buffers;
-                f(a, b, c)
-            }
-            Err(_) => f(&mut Vec::new(), &mut Vec::new(), &mut Vec::new()),
+            Ok(mut scratch) => f(&mut scratch),
+            Err(_) => f(&mut Scratch::default()),
         })
     }
 
@@ -385,16 +402,64 @@ mod flex {
         }
     }
 
+    /// `transposed += im2col [taps, S * P] x dy^T [S * P, C_out]` for one chunk of `count`
+    /// samples (`padded`, `grads` as `[C_out, width]`) on AMX tiles: the samples split over the
+    /// threads, each packing its im2col straight from the input into tile layout (no f32
+    /// im2col) and summing into a partial result of its own.
+    fn add_parts_on_amx(
+        g: &Geometry,
+        padded: &[f32],
+        [count, width]: [usize; 2],
+        grads: &[f32],
+        transposed: &mut [f32],
+    ) {
+        let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
+        let sample_len = padded.len() / count;
+        let parts = rayon::current_num_threads().clamp(1, count);
+        let partials: Vec<Vec<f32>> = (0..parts)
+            .into_par_iter()
+            .map(|part| {
+                let samples = count * part / parts..count * (part + 1) / parts;
+                let depth = samples.len() * positions;
+                let inputs = &padded[samples.start * sample_len..samples.end * sample_len];
+                let (mut columns, mut row, mut dy) = (Vec::new(), vec![0f32; depth], Vec::new());
+                let mut packing = amx::PackingA::new(&mut columns, [taps, depth]);
+                for tap in 0..taps {
+                    g.fill_tap_row(inputs, tap, [0, g.ho], &mut row);
+                    packing.row(tap, &row);
+                }
+                let columns = packing.finish();
+                let grads = &grads[samples.start * positions..];
+                let grads = amx::pack_b_cols(&mut dy, grads, width, [depth, cout]);
+                let mut partial = vec![0f32; taps * cout];
+                amx::matmul(&mut partial, cout, &columns, &grads, false);
+                partial
+            })
+            .collect();
+        add_partials(partials, transposed);
+    }
+
+    fn add_partials(partials: Vec<Vec<f32>>, total: &mut [f32]) {
+        for partial in partials {
+            for (t, p) in total.iter_mut().zip(partial) {
+                *t += p;
+            }
+        }
+    }
+
     impl GemmConvOps for Flex {
         /// Samples (or groups of small ones) in parallel; per tile of output positions:
         /// `im2col [tile, taps] x weight^T [taps, C_out]` into `[tile, C_out]`, which is the
         /// NCHW output of one sample (a group's is copied there). The im2col is built
         /// column-major, so that gemm packs it by plain copies, and stays in cache between
-        /// being written and being read; the weights are read in their own layout.
+        /// being written and being read; the weights are read in their own layout. In bf16 the
+        /// same product is `weight [C_out, taps] x im2col [taps, tile]` on AMX tiles, the
+        /// weights packed once per call.
         fn gemm_conv2d(
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             options: ConvOptions<2>,
+            bf16: bool,
         ) -> FloatTensor<Self> {
             let ws = weight.layout().shape().clone();
             let fits = (0..2)
@@ -407,6 +472,9 @@ mod flex {
             let xs = contiguous_f32(&x);
             // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
             let weights = contiguous_f32(&weight);
+            let mut packed_weights = Vec::new();
+            let packed_weights =
+                bf16.then(|| amx::pack_a(&mut packed_weights, &weights, taps, [cout, taps]));
             // Small images go several to a GEMM, so that its rows fill a tile.
             let group = (TILE_POSITIONS / positions).clamp(1, g.n);
             // Tiles of whole output rows.
@@ -417,20 +485,54 @@ mod flex {
                 .enumerate()
                 .for_each(|(index, block)| {
                     let count = block.len() / (cout * positions);
-                    with_scratch(|padded, columns, product| {
+                    with_scratch(|scratch| {
+                        let Scratch {
+                            padded,
+                            columns,
+                            product,
+                            packed,
+                        } = scratch;
                         let padded = g.padded(&xs, [index * group, count], padded, false);
                         for first_row in (0..g.ho).step_by(tile_rows) {
                             let tile_rows = tile_rows.min(g.ho - first_row);
                             let (start, tile) = (first_row * g.wo, tile_rows * g.wo);
-                            let rows = count * tile;
-                            let columns = prefix(columns, taps * rows);
-                            for (tap, row) in columns.chunks_mut(rows).enumerate() {
-                                g.fill_tap_row(padded, tap, [first_row, tile_rows], row);
-                            }
-                            let gemm = |dst: &mut [f32], strides: [usize; 2]| {
+                            let (rows, span) = (count * tile, [first_row, tile_rows]);
+                            let packed_columns = if packed_weights.is_some() {
+                                // In bf16 the im2col goes straight into tile layout, two taps
+                                // at a time.
+                                let pair = prefix(columns, 2 * rows);
+                                let (first, second) = pair.split_at_mut(rows);
+                                let mut packing = amx::PackingB::new(packed, [taps, rows]);
+                                for pair in 0..taps.div_ceil(2) {
+                                    g.fill_tap_row(padded, 2 * pair, span, first);
+                                    let second: &[f32] = if 2 * pair + 1 < taps {
+                                        g.fill_tap_row(padded, 2 * pair + 1, span, second);
+                                        second
+                                    } else {
+                                        &[]
+                                    };
+                                    packing.pair(pair, first, second);
+                                }
+                                Some(packing.finish())
+                            } else {
+                                let columns = prefix(columns, taps * rows);
+                                for (tap, row) in columns.chunks_mut(rows).enumerate() {
+                                    g.fill_tap_row(padded, tap, span, row);
+                                }
+                                None
+                            };
+                            let columns = &columns[..];
+                            // Into `[C_out, rows]` with rows `row_stride` apart.
+                            let gemm = |dst: &mut [f32], row_stride: usize| {
+                                if let (Some(weights), Some(tile)) =
+                                    (&packed_weights, &packed_columns)
+                                {
+                                    amx::matmul(dst, row_stride, weights, tile, false);
+                                    return;
+                                }
                                 gemm_into(
                                     dst,
-                                    strides,
+                                    [1, row_stride],
                                     [rows, cout, taps],
                                     columns,
                                     [1, rows],
@@ -441,11 +543,11 @@ mod flex {
                                 )
                             };
                             if count == 1 {
-                                gemm(&mut block[start..], [1, positions]);
+                                gemm(&mut block[start..], positions);
                                 continue;
                             }
                             let product = prefix(product, rows * cout);
-                            gemm(product, [1, rows]);
+                            gemm(product, rows);
                             for (s, sample) in block.chunks_mut(cout * positions).enumerate() {
                                 for (co, out) in sample.chunks_mut(positions).enumerate() {
                                     out[start..start + tile]
@@ -459,12 +561,14 @@ mod flex {
         }
 
         /// Per chunk of samples: `dy [C_out, S * P] x im2col^T [S * P, taps]`, summed into one
-        /// `[C_out, taps]` gradient.
+        /// `[C_out, taps]` gradient. In bf16: `im2col [taps, S * P] x dy^T [S * P, C_out]` on
+        /// AMX tiles, the sum split over the threads.
         fn gemm_conv2d_weight_grad(
             x: FloatTensor<Self>,
             output_grad: FloatTensor<Self>,
             kernel: [usize; 2],
             options: ConvOptions<2>,
+            bf16: bool,
         ) -> FloatTensor<Self> {
             let cout = output_grad.layout().shape()[1];
             let g = Geometry::new(x.layout().shape(), cout, kernel, &options);
@@ -482,11 +586,6 @@ mod flex {
                 let count = per_chunk.min(g.n - first);
                 let width = count * positions;
                 let padded = g.padded(&xs, [first, count], &mut padded, true);
-                let columns = prefix(&mut columns, taps * width);
-                columns
-                    .par_chunks_mut(width)
-                    .enumerate()
-                    .for_each(|(tap, row)| g.fill_tap_row(padded, tap, [0, g.ho], row));
                 // dy of these samples as [C_out, S * P].
                 let grads = prefix(&mut grads, cout * width);
                 grads
@@ -499,6 +598,15 @@ mod flex {
                                 .copy_from_slice(&dys[at..at + positions]);
                         }
                     });
+                if bf16 {
+                    add_parts_on_amx(&g, padded, [count, width], grads, &mut transposed);
+                    continue;
+                }
+                let columns = prefix(&mut columns, taps * width);
+                columns
+                    .par_chunks_mut(width)
+                    .enumerate()
+                    .for_each(|(tap, row)| g.fill_tap_row(padded, tap, [0, g.ho], row));
                 if cout * taps > SPLIT_SUM_MAX_RESULT {
                     gemm_into(
                         &mut transposed,
@@ -536,11 +644,7 @@ mod flex {
                         partial
                     })
                     .collect();
-                for partial in partials {
-                    for (t, p) in transposed.iter_mut().zip(partial) {
-                        *t += p;
-                    }
-                }
+                add_partials(partials, &mut transposed);
             }
             let mut total = vec![0f32; cout * taps];
             for (co, out) in total.chunks_exact_mut(taps).enumerate() {
@@ -567,7 +671,8 @@ mod autodiff {
     struct GemmConv2d;
 
     impl<B: Backend + GemmConvOps> Backward<B, 2> for GemmConv2d {
-        type State = (FloatTensor<B>, FloatTensor<B>, ConvOptions<2>);
+        /// Input, weight, options, bf16.
+        type State = (FloatTensor<B>, FloatTensor<B>, ConvOptions<2>, bool);
 
         fn backward(
             self,
@@ -577,7 +682,7 @@ mod autodiff {
         ) {
             let [node_x, node_weight] = ops.parents;
             let grad = grads.consume::<B>(&ops.node);
-            let (x, weight, options) = ops.state;
+            let (x, weight, options, bf16) = ops.state;
             if let Some(node) = node_weight {
                 let weight_grad = if on_gemm(&options) {
                     let shape = weight.shape();
@@ -586,6 +691,7 @@ mod autodiff {
                         grad.clone(),
                         [shape[2], shape[3]],
                         options.clone(),
+                        bf16,
                     )
                 } else {
                     B::conv2d_weight_backward(
@@ -607,7 +713,8 @@ mod autodiff {
                         kernel[0] - 1 - options.padding_begin()[0],
                         kernel[1] - 1 - options.padding_begin()[1],
                     ];
-                    B::gemm_conv2d(grad, flipped, ConvOptions::new([1, 1], padding, [1, 1], 1))
+                    let options = ConvOptions::new([1, 1], padding, [1, 1], 1);
+                    B::gemm_conv2d(grad, flipped, options, bf16)
                 } else {
                     B::conv2d_x_backward(x, weight, grad, options)
                 };
@@ -621,12 +728,13 @@ mod autodiff {
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             options: ConvOptions<2>,
+            bf16: bool,
         ) -> FloatTensor<Self> {
             let nodes = [x.node(), weight.node()];
             let (x, weight) = (x.into_primitive(), weight.into_primitive());
-            let output = B::gemm_conv2d(x.clone(), weight.clone(), options.clone());
+            let output = B::gemm_conv2d(x.clone(), weight.clone(), options.clone(), bf16);
             match GemmConv2d.prepare::<C>(nodes).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((x, weight, options), output),
+                OpsKind::Tracked(prep) => prep.finish((x, weight, options, bf16), output),
                 OpsKind::UnTracked(prep) => prep.finish(output),
             }
         }
@@ -637,12 +745,14 @@ mod autodiff {
             output_grad: FloatTensor<Self>,
             kernel: [usize; 2],
             options: ConvOptions<2>,
+            bf16: bool,
         ) -> FloatTensor<Self> {
             Self::from_inner(B::gemm_conv2d_weight_grad(
                 Self::inner(x),
                 Self::inner(output_grad),
                 kernel,
                 options,
+                bf16,
             ))
         }
     }
@@ -685,7 +795,7 @@ mod tests {
                 .init(&device);
             let x =
                 Tensor::<4>::random([3, 4, size, size], Distribution::Normal(0.0, 1.0), &device);
-            assert!(takes_gemm_path(&conv, &x));
+            assert!(gemm_path(&conv, &x).is_some());
             let run = |ours: bool| {
                 let x = x.clone().detach().require_grad();
                 let y = if ours {
@@ -708,7 +818,7 @@ mod tests {
             let plain = Device::flex();
             let conv_plain = conv.clone().valid();
             let x_plain = Tensor::<4>::from_data(x.to_data(), &plain);
-            assert!(takes_gemm_path(&conv_plain, &x_plain));
+            assert!(gemm_path(&conv_plain, &x_plain).is_some());
             let inferred = forward(&conv_plain, x_plain)
                 .into_data()
                 .iter::<f32>()
@@ -729,6 +839,75 @@ mod tests {
                         "kernel {kernel} stride {stride}: {what}[{i}] {p} vs {q}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Under a bf16 autocast scope the convolution takes bf16 GEMMs (AMX tiles where the CPU
+    /// has them, burn's bf16 convolution otherwise): output and both gradients within bf16
+    /// rounding of burn's f32 convolution, for a stride-1 layer (its input gradient on the
+    /// same GEMMs) and a strided one, with depths beyond one pass of the tile kernel.
+    #[test]
+    fn bf16_convolution_stays_within_bf16_rounding_of_f32() {
+        use crate::model::precision::{Precision, autocast};
+        let device = Device::flex().autodiff();
+        device.seed(9);
+        for (cin, cout, stride, size) in [(40, 36, 1, 9), (24, 40, 2, 7)] {
+            let conv = Conv2dConfig::new([cin, cout], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(&device);
+            let x = Tensor::<4>::random(
+                [5, cin, size, size],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let side = (size - 1) / stride + 1;
+            let weights = Tensor::<4>::random(
+                [5, cout, side, side],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let run = |bf16: bool| {
+                let x = x.clone().detach().require_grad();
+                let y = if bf16 {
+                    let _bf16 = autocast(Precision::Bf16);
+                    let path = gemm_path(&conv, &x).map(|(_, bf16)| bf16);
+                    assert_eq!(path, super::super::amx::available().then_some(true));
+                    forward(&conv, x.clone())
+                } else {
+                    conv.forward(x.clone())
+                };
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                [
+                    y,
+                    x.grad(&grads).unwrap(),
+                    conv.weight.grad(&grads).unwrap(),
+                ]
+                .map(|t| t.into_data().iter::<f32>().collect::<Vec<_>>())
+            };
+            let (low, exact) = (run(true), run(false));
+            for (what, low, exact) in [
+                ("output", &low[0], &exact[0]),
+                ("weight gradient", &low[2], &exact[2]),
+                ("input gradient", &low[1], &exact[1]),
+            ] {
+                let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let error = low
+                    .iter()
+                    .zip(exact)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                // Strided input gradients stay on burn's f32 `conv_transpose` with AMX.
+                let exact_allowed = what == "input gradient" && stride > 1;
+                assert!(
+                    error > 0.0 || exact_allowed,
+                    "{what}: bf16 must round something"
+                );
+                assert!(
+                    error < 2e-2 * scale,
+                    "stride {stride} {what}: error {error} vs {scale}"
+                );
             }
         }
     }

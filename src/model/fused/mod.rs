@@ -1,10 +1,12 @@
 //! Operations of our own for flex, where burn 0.22's generic ones are slow: BatchNorm in
 //! training mode (forward and backward in one pass each, with a following ReLU or residual
 //! add + ReLU fused in) and the convolution (forward, input and weight gradients on GEMM; in
-//! inference too). Each is a burn backend extension with a hand-written backward; on any other
-//! backend, in bf16, or when switched off, burn's own module forward runs instead, and burn's
-//! ops are the reference in the tests.
+//! inference too), whose GEMMs run on AMX tiles in bf16 under `--precision bf16` ([`amx`]).
+//! Each is a burn backend extension with a hand-written backward; on any other backend, in bf16
+//! without AMX, or when switched off, burn's own module forward runs instead, and burn's ops
+//! are the reference in the tests.
 
+pub mod amx;
 pub mod batch_norm;
 pub mod conv;
 

@@ -1,0 +1,749 @@
+//! bfloat16 matrix products on Intel AMX tiles (Sapphire Rapids and later), for the
+//! convolutions of `--precision bf16` on the CPU: operands are rounded to bf16 while they are
+//! packed into tile layout and products are summed in f32, as PyTorch's autocast does through
+//! oneDNN. One tile multiply (`TDPBF16PS`) is a 16 x 16 x 32 product: 16 times the work of an
+//! AVX-512 FMA in one instruction.
+//!
+//! Packed layouts (bf16 kept as `u16`), in blocks of 16 rows or columns and 32 depth values,
+//! zero-padded:
+//! - [`PackedA`] (`m x k`): per 16-row block, per 32-deep block, a tile of 16 rows of 32 values.
+//! - [`PackedB`] (`k x n`): per 16-column block, per 32-deep block, a tile of 16 rows of depth
+//!   *pairs*: its row `p` holds `B[2p][c], B[2p + 1][c]` for the 16 columns `c` (the layout
+//!   `TDPBF16PS` takes).
+//!
+//! Row and column blocks are padded to an even count, so that every product runs one 2 x 2-tile
+//! kernel (four accumulators, two A and two B tiles: the eight tile registers).
+
+/// Rows of a tile, and columns of an output tile.
+const ROWS: usize = 16;
+/// bf16 values in a tile row (64 bytes).
+const DEPTH: usize = 32;
+/// `u16`s per tile (1 KiB).
+const TILE: usize = ROWS * DEPTH;
+/// Depth blocks per pass over the output (1024 values): shallower passes keep the operand
+/// panels in L1 but reload the accumulators more often, and measured slower (16: 0.85x, 8: 0.7x
+/// on ResNet-18's shapes); deeper ones gained nothing more.
+const DEPTH_BLOCKS_PER_PASS: usize = 32;
+
+/// Whether this CPU has AMX with bf16 and the kernel lets this process use it (Linux hands the
+/// tile registers out only on request). Checked once.
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+            let amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: arch_prctl with these arguments only asks for a permission.
+            amx && unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            } == 0
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), NaN kept a (quiet) NaN.
+#[inline(always)]
+fn bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((bits >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// The blocks a packed operand spans: `outer` row (A) or column (B) blocks, `depth` blocks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Blocks {
+    outer: usize,
+    depth: usize,
+}
+
+impl Blocks {
+    fn new(outer: usize, depth: usize) -> Self {
+        Blocks {
+            outer: outer.div_ceil(ROWS).next_multiple_of(2),
+            depth: depth.div_ceil(DEPTH),
+        }
+    }
+
+    fn tiles(self) -> usize {
+        self.outer * self.depth
+    }
+
+    /// The tile of outer block `o`, depth block `d`.
+    fn tile(self, o: usize, d: usize) -> std::ops::Range<usize> {
+        let at = (o * self.depth + d) * TILE;
+        at..at + TILE
+    }
+}
+
+/// The left operand of [`matmul`], `m x k`, packed.
+pub struct PackedA<'a> {
+    tiles: &'a [u16],
+    blocks: Blocks,
+    m: usize,
+    k: usize,
+}
+
+/// The right operand of [`matmul`], `k x n`, packed.
+pub struct PackedB<'a> {
+    tiles: &'a [u16],
+    blocks: Blocks,
+    k: usize,
+    n: usize,
+}
+
+/// `buffer` grown to `len` values (every one is written by the packers).
+fn tiles_of(buffer: &mut Vec<u16>, len: usize) -> &mut [u16] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
+}
+
+/// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
+pub fn pack_a<'a>(
+    buffer: &'a mut Vec<u16>,
+    src: &[f32],
+    row_stride: usize,
+    [m, k]: [usize; 2],
+) -> PackedA<'a> {
+    let mut packing = PackingA::new(buffer, [m, k]);
+    for i in 0..m {
+        packing.row(i, &src[i * row_stride..][..k]);
+    }
+    packing.finish()
+}
+
+/// Packs `B[d][j] = src[d * row_stride + j]` (`k x n`, columns contiguous) into `buffer`.
+pub fn pack_b_rows<'a>(
+    buffer: &'a mut Vec<u16>,
+    src: &[f32],
+    row_stride: usize,
+    [k, n]: [usize; 2],
+) -> PackedB<'a> {
+    let mut packing = PackingB::new(buffer, [k, n]);
+    let row = |d: usize| {
+        if d < k {
+            &src[d * row_stride..][..n]
+        } else {
+            &[]
+        }
+    };
+    for pair in 0..k.div_ceil(2) {
+        packing.pair(pair, row(2 * pair), row(2 * pair + 1));
+    }
+    packing.finish()
+}
+
+/// An `m x k` left operand packed one row at a time, e.g. from rows of an im2col that never
+/// exists whole in f32.
+pub struct PackingA<'a> {
+    tiles: &'a mut [u16],
+    blocks: Blocks,
+    m: usize,
+    k: usize,
+    rows_set: usize,
+}
+
+impl<'a> PackingA<'a> {
+    /// Packing into `buffer`; the padding rows are zeroed here.
+    pub fn new(buffer: &'a mut Vec<u16>, [m, k]: [usize; 2]) -> Self {
+        let blocks = Blocks::new(m, k);
+        let tiles = tiles_of(buffer, blocks.tiles() * TILE);
+        for i in m..blocks.outer * ROWS {
+            for d in 0..blocks.depth {
+                tiles[blocks.tile(i / ROWS, d)][i % ROWS * DEPTH..][..DEPTH].fill(0);
+            }
+        }
+        PackingA {
+            tiles,
+            blocks,
+            m,
+            k,
+            rows_set: 0,
+        }
+    }
+
+    /// Sets row `i` (`k` values).
+    pub fn row(&mut self, i: usize, values: &[f32]) {
+        assert!(
+            i < self.m && values.len() == self.k,
+            "row {i} of A out of shape"
+        );
+        for (d, values) in values.chunks(DEPTH).enumerate() {
+            let tile = &mut self.tiles[self.blocks.tile(i / ROWS, d)];
+            convert(values, &mut tile[i % ROWS * DEPTH..][..DEPTH]);
+        }
+        self.rows_set += 1;
+    }
+
+    /// The operand, once each of its rows is set.
+    pub fn finish(self) -> PackedA<'a> {
+        assert_eq!(self.rows_set, self.m, "rows of A set");
+        PackedA {
+            tiles: self.tiles,
+            blocks: self.blocks,
+            m: self.m,
+            k: self.k,
+        }
+    }
+}
+
+/// A `k x n` right operand packed a pair of depth rows at a time, e.g. from rows of an
+/// im2col that never exists whole in f32.
+pub struct PackingB<'a> {
+    tiles: &'a mut [u16],
+    blocks: Blocks,
+    k: usize,
+    n: usize,
+    pairs_set: usize,
+}
+
+impl<'a> PackingB<'a> {
+    /// Packing into `buffer`; the padding depth rows are zeroed here.
+    pub fn new(buffer: &'a mut Vec<u16>, [k, n]: [usize; 2]) -> Self {
+        let blocks = Blocks::new(n, k);
+        let tiles = tiles_of(buffer, blocks.tiles() * TILE);
+        for pair in k.div_ceil(2)..blocks.depth * ROWS {
+            for o in 0..blocks.outer {
+                tiles[blocks.tile(o, pair / ROWS)][pair % ROWS * DEPTH..][..DEPTH].fill(0);
+            }
+        }
+        PackingB {
+            tiles,
+            blocks,
+            k,
+            n,
+            pairs_set: 0,
+        }
+    }
+
+    /// Sets depth rows `2 * pair` (`first`) and `2 * pair + 1` (`second`, empty past `k`),
+    /// `n` values each: one row of a tile in every column block.
+    pub fn pair(&mut self, pair: usize, first: &[f32], second: &[f32]) {
+        let last = 2 * pair + 1 == self.k;
+        assert!(
+            2 * pair < self.k
+                && first.len() == self.n
+                && second.len() == if last { 0 } else { self.n },
+            "depth rows {} and {} of B out of shape",
+            2 * pair,
+            2 * pair + 1
+        );
+        fn part(values: &[f32], o: usize) -> &[f32] {
+            let j0 = (o * ROWS).min(values.len());
+            &values[j0..(j0 + ROWS).min(values.len())]
+        }
+        for o in 0..self.blocks.outer {
+            let tile = &mut self.tiles[self.blocks.tile(o, pair / ROWS)];
+            let out = &mut tile[pair % ROWS * DEPTH..][..DEPTH];
+            interleave(part(first, o), part(second, o), out);
+        }
+        self.pairs_set += 1;
+    }
+
+    /// The operand, once each of its pairs of depth rows is set.
+    pub fn finish(self) -> PackedB<'a> {
+        assert_eq!(self.pairs_set, self.k.div_ceil(2), "depth rows of B set");
+        PackedB {
+            tiles: self.tiles,
+            blocks: self.blocks,
+            k: self.k,
+            n: self.n,
+        }
+    }
+}
+
+/// Packs `B[d][j] = src[j * col_stride + d]` (`k x n`, depth contiguous) into `buffer`.
+pub fn pack_b_cols<'a>(
+    buffer: &'a mut Vec<u16>,
+    src: &[f32],
+    col_stride: usize,
+    [k, n]: [usize; 2],
+) -> PackedB<'a> {
+    let blocks = Blocks::new(n, k);
+    let tiles = tiles_of(buffer, blocks.tiles() * TILE);
+    for o in 0..blocks.outer {
+        for d in 0..blocks.depth {
+            let (d0, len) = (d * DEPTH, DEPTH.min(k - d * DEPTH));
+            let tile = &mut tiles[blocks.tile(o, d)];
+            // Each column's 32 depth values are 16 pairs, pair `p` going to tile row `p`.
+            let mut column = [0u16; DEPTH];
+            for j in 0..ROWS {
+                let jj = o * ROWS + j;
+                let values = if jj < n {
+                    &src[jj * col_stride + d0..][..len]
+                } else {
+                    &[]
+                };
+                convert(values, &mut column);
+                for (p, pair) in column.chunks_exact(2).enumerate() {
+                    tile[p * DEPTH + 2 * j..][..2].copy_from_slice(pair);
+                }
+            }
+        }
+    }
+    PackedB {
+        tiles,
+        blocks,
+        k,
+        n,
+    }
+}
+
+/// `out` (32 values) = `values` (at most 32) as bf16, then zeros.
+fn convert(values: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if vector_conversions() {
+        // SAFETY: the CPU has the features (checked); the lengths are asserted inside.
+        return unsafe { simd::convert(values, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = bf16(v);
+    }
+    out[values.len()..].fill(0);
+}
+
+/// `out` (32 values) = `first[j], second[j]` for `j` in `0..16` as bf16, zeros past the ends.
+fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if vector_conversions() {
+        // SAFETY: as in `convert`.
+        return unsafe { simd::interleave(first, second, out) };
+    }
+    out.fill(0);
+    for (half, values) in [first, second].into_iter().enumerate() {
+        for (j, &v) in values.iter().enumerate() {
+            out[2 * j + half] = bf16(v);
+        }
+    }
+}
+
+/// Whether the packers convert with AVX-512 (every AMX CPU has it); the scalar loops are the
+/// reference they are tested against.
+#[cfg(target_arch = "x86_64")]
+fn vector_conversions() -> bool {
+    #[cfg(test)]
+    if SCALAR_PACKING.get() {
+        return false;
+    }
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+#[cfg(test)]
+thread_local! {
+    static SCALAR_PACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{DEPTH, ROWS};
+    use std::arch::x86_64::*;
+
+    /// The first `len` lanes (at most 16) of a vector, from `values` at `from`.
+    #[inline(always)]
+    unsafe fn load(values: &[f32], from: usize) -> __m512 {
+        let len = values.len().saturating_sub(from).min(16);
+        let mask = ((1u32 << len) - 1) as __mmask16;
+        // SAFETY: the mask enables only lanes inside `values`; masked lanes are not read.
+        unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr().wrapping_add(from)) }
+    }
+
+    /// As `super::convert`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert(values: &[f32], out: &mut [u16]) {
+        assert!(values.len() <= DEPTH && out.len() == DEPTH);
+        // SAFETY: 64 bytes stored into `out` (32 u16s).
+        unsafe {
+            let packed = _mm512_cvtne2ps_pbh(load(values, 16), load(values, 0));
+            _mm512_storeu_si512(
+                out.as_mut_ptr().cast(),
+                std::mem::transmute::<__m512bh, __m512i>(packed),
+            );
+        }
+    }
+
+    /// As `super::interleave`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
+        assert!(first.len() <= ROWS && second.len() <= ROWS && out.len() == 2 * ROWS);
+        // Lane 2j takes value j (from `first`), lane 2j + 1 value 16 + j (from `second`).
+        let order: [u16; 32] = std::array::from_fn(|i| (i / 2 + i % 2 * 16) as u16);
+        // SAFETY: 64 bytes read from `order` and stored into `out`.
+        unsafe {
+            let packed = _mm512_cvtne2ps_pbh(load(second, 0), load(first, 0));
+            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            let pairs =
+                _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(packed));
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs);
+        }
+    }
+}
+
+/// `dst[i * dst_row_stride + j] (+)= sum_d A[i][d] * B[d][j]` for the `m x n` of the operands,
+/// on AMX tiles on this thread ([`available`] must hold); `accumulate` adds to `dst` instead of
+/// overwriting it.
+pub fn matmul(dst: &mut [f32], dst_row_stride: usize, a: &PackedA, b: &PackedB, accumulate: bool) {
+    assert!(available(), "AMX bf16 tiles are not available");
+    assert_eq!(a.k, b.k, "operand depths differ");
+    let (m, n) = (a.m, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= dst_row_stride || m == 1, "destination rows overlap");
+    assert!(
+        dst.len() > (m - 1) * dst_row_stride + n - 1,
+        "matmul destination out of bounds"
+    );
+    if a.k == 0 {
+        if !accumulate {
+            for row in 0..m {
+                dst[row * dst_row_stride..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let depth = a.blocks.depth;
+    configure_tiles();
+    for first in (0..depth).step_by(DEPTH_BLOCKS_PER_PASS) {
+        let count = DEPTH_BLOCKS_PER_PASS.min(depth - first);
+        let load = accumulate || first > 0;
+        // The operand whose block of this depth is larger is read once, the other once per
+        // pair of its blocks: from cache.
+        let pairs = |outer: usize| (0..outer).step_by(2);
+        let a_larger = a.blocks.outer > b.blocks.outer;
+        let (outer, inner) = if a_larger {
+            (a.blocks.outer, b.blocks.outer)
+        } else {
+            (b.blocks.outer, a.blocks.outer)
+        };
+        for first_outer in pairs(outer) {
+            for first_inner in pairs(inner) {
+                let (ib, jb) = if a_larger {
+                    (first_outer, first_inner)
+                } else {
+                    (first_inner, first_outer)
+                };
+                let a0 = a.tiles[a.blocks.tile(ib, first)].as_ptr();
+                let a1 = a.tiles[a.blocks.tile(ib + 1, first)].as_ptr();
+                let b0 = b.tiles[b.blocks.tile(jb, first)].as_ptr();
+                let b1 = b.tiles[b.blocks.tile(jb + 1, first)].as_ptr();
+                let (i0, j0) = (ib * ROWS, jb * ROWS);
+                if i0 + 2 * ROWS <= m && j0 + 2 * ROWS <= n {
+                    let c = &mut dst[i0 * dst_row_stride + j0..];
+                    // SAFETY: the 32 x 32 block lies in `dst` (checked above: its last row
+                    // ends before `m`'s), the operand panels hold `count` tiles from `first`
+                    // on, and the tiles are configured on this thread.
+                    unsafe {
+                        kernel(
+                            [a0, a1],
+                            [b0, b1],
+                            count,
+                            c.as_mut_ptr(),
+                            dst_row_stride,
+                            load,
+                        )
+                    };
+                    continue;
+                }
+                // A block at the edge: into a full one, then the part that exists.
+                let mut block = Block([0.0; 4 * ROWS * ROWS]);
+                // SAFETY: `block` is 32 x 32 with rows of 32; as above for the operands.
+                unsafe {
+                    kernel(
+                        [a0, a1],
+                        [b0, b1],
+                        count,
+                        block.0.as_mut_ptr(),
+                        2 * ROWS,
+                        false,
+                    )
+                };
+                for i in 0..(m - i0).min(2 * ROWS) {
+                    let part = &block.0[i * 2 * ROWS..][..(n - j0).min(2 * ROWS)];
+                    let out = &mut dst[(i0 + i) * dst_row_stride + j0..][..part.len()];
+                    for (o, &p) in out.iter_mut().zip(part) {
+                        *o = if load { *o + p } else { p };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[repr(align(64))]
+struct Block([f32; 4 * ROWS * ROWS]);
+
+/// Loads the tile configuration on this thread (once): all eight tiles 16 rows of 64 bytes.
+fn configure_tiles() {
+    thread_local! {
+        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if CONFIGURED.get() {
+        return;
+    }
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+    let mut config = Config {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        bytes_per_row: [0; 16],
+        rows: [0; 16],
+    };
+    config.bytes_per_row[..8].fill((DEPTH * 2) as u16);
+    config.rows[..8].fill(ROWS as u8);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a valid palette-1 configuration; `available` granted the tile state.
+    unsafe {
+        std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+    }
+    CONFIGURED.set(true);
+}
+
+/// `C (+)= [A0; A1] x [B0 B1]` for one 32 x 32 output block at `c` (rows `c_row_stride` floats
+/// apart) over `count` depth blocks: tiles 0-3 accumulate, 4-5 hold A, 6-7 hold B.
+///
+/// # Safety
+/// The tiles are configured on this thread; `a`, `b` point to `count` consecutive packed tiles
+/// each; `c` to a 32 x 32 block of floats with rows `c_row_stride` apart.
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel(
+    [a0, a1]: [*const u16; 2],
+    [b0, b1]: [*const u16; 2],
+    count: usize,
+    c: *mut f32,
+    c_row_stride: usize,
+    load: bool,
+) {
+    use std::arch::asm;
+    let stride = c_row_stride * 4;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let c01 = c.add(ROWS);
+        let c10 = c.add(ROWS * c_row_stride);
+        let c11 = c10.add(ROWS);
+        if load {
+            asm!(
+                "tileloadd tmm0, [{c00} + {s}*1]",
+                "tileloadd tmm1, [{c01} + {s}*1]",
+                "tileloadd tmm2, [{c10} + {s}*1]",
+                "tileloadd tmm3, [{c11} + {s}*1]",
+                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                s = in(reg) stride,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, {t}",
+            "add {a1}, {t}",
+            "add {b0}, {t}",
+            "add {b1}, {t}",
+            "dec {count}",
+            "jnz 2b",
+            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _,
+            b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
+            count = inout(reg) count => _,
+            s = in(reg) DEPTH * 2,
+            t = const TILE * 2,
+            options(nostack, readonly),
+        );
+        asm!(
+            "tilestored [{c00} + {s}*1], tmm0",
+            "tilestored [{c01} + {s}*1], tmm1",
+            "tilestored [{c10} + {s}*1], tmm2",
+            "tilestored [{c11} + {s}*1], tmm3",
+            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            s = in(reg) stride,
+            options(nostack),
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, _: usize, _: bool) {
+    unreachable!("AMX is x86-64 only and `available` says so")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_of(b: u16) -> f32 {
+        f32::from_bits((b as u32) << 16)
+    }
+
+    /// A deterministic spread of values, a few of them tiny or large.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounds_to_nearest_even_bfloat16() {
+        assert_eq!(bf16(1.0), 0x3f80);
+        assert_eq!(bf16(-2.5), 0xc020);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even (1.0).
+        assert_eq!(bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to 1 + 2^-6.
+        assert_eq!(bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16(1.0 + 1.1 / 256.0), 0x3f81);
+        assert_eq!(bf16(f32::MAX), 0x7f80, "overflow rounds to infinity");
+        assert_eq!(bf16(f32::INFINITY), 0x7f80);
+        assert!(f32_of(bf16(f32::NAN)).is_nan());
+        assert!(f32_of(bf16(-f32::NAN)).is_nan());
+        for v in values(1000, 3) {
+            let r = f32_of(bf16(v));
+            assert!((r - v).abs() <= v.abs() / 256.0, "{v} -> {r}");
+        }
+    }
+
+    /// Every packed value sits where the tile layout says, as the bf16 of its source, and the
+    /// padding is zero: each shape leaves partial blocks of rows, columns or depth.
+    #[test]
+    fn packs_operands_in_tile_layout() {
+        for [m, n, k] in [
+            [1, 1, 1],
+            [16, 16, 32],
+            [17, 33, 33],
+            [40, 5, 70],
+            [3, 50, 31],
+        ] {
+            let a_src = values(m * (k + 3), 1);
+            let mut buffer = Vec::new();
+            let a = pack_a(&mut buffer, &a_src, k + 3, [m, k]);
+            assert_eq!(a.tiles.len() % (2 * TILE), 0);
+            for (at, &v) in a.tiles.iter().enumerate() {
+                let (tile, within) = (at / TILE, at % TILE);
+                let (o, d) = (tile / a.blocks.depth, tile % a.blocks.depth);
+                let (i, kk) = (o * ROWS + within / DEPTH, d * DEPTH + within % DEPTH);
+                let expected = if i < m && kk < k {
+                    bf16(a_src[i * (k + 3) + kk])
+                } else {
+                    0
+                };
+                assert_eq!(v, expected, "A [{m}, {k}] at ({i}, {kk})");
+            }
+            let b_src = values(k * (n + 2), 2);
+            let by_rows = pack_b_rows(&mut buffer, &b_src, n + 2, [k, n])
+                .tiles
+                .to_vec();
+            // The same matrix stored by columns packs to the same tiles.
+            let mut transposed = vec![0.0; n * (k + 1)];
+            for d in 0..k {
+                for j in 0..n {
+                    transposed[j * (k + 1) + d] = b_src[d * (n + 2) + j];
+                }
+            }
+            let b = pack_b_cols(&mut buffer, &transposed, k + 1, [k, n]);
+            assert_eq!(b.tiles, &by_rows[..], "B [{k}, {n}] by rows vs by columns");
+            for (at, &v) in b.tiles.iter().enumerate() {
+                let (tile, within) = (at / TILE, at % TILE);
+                let (o, d) = (tile / b.blocks.depth, tile % b.blocks.depth);
+                let (p, j, half) = (within / DEPTH, within % DEPTH / 2, within % 2);
+                let (kk, jj) = (d * DEPTH + 2 * p + half, o * ROWS + j);
+                let expected = if kk < k && jj < n {
+                    bf16(b_src[kk * (n + 2) + jj])
+                } else {
+                    0
+                };
+                assert_eq!(v, expected, "B [{k}, {n}] at ({kk}, {jj})");
+            }
+        }
+    }
+
+    /// On a CPU with AMX: products against f64 sums of the same bf16 values, overwriting and
+    /// accumulating, with depths that span several passes and shapes with edge blocks.
+    #[test]
+    fn multiplies_on_amx_tiles() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the tile product is not exercised here");
+            return;
+        }
+        for [m, n, k] in [
+            [32, 32, 32],
+            [64, 96, 600],
+            [17, 45, 27],
+            [1, 1, 1],
+            [100, 31, 1100],
+        ] {
+            let stride = n + 5;
+            let (a_src, b_src) = (values(m * k, 4), values(k * n, 5));
+            let before = values(m * stride, 6);
+            let (mut a_buffer, mut b_buffer) = (Vec::new(), Vec::new());
+            let a = pack_a(&mut a_buffer, &a_src, k, [m, k]);
+            let b = pack_b_rows(&mut b_buffer, &b_src, n, [k, n]);
+            for accumulate in [false, true] {
+                let mut dst = before.clone();
+                matmul(&mut dst, stride, &a, &b, accumulate);
+                for i in 0..m {
+                    for j in 0..stride {
+                        let got = dst[i * stride + j];
+                        if j >= n {
+                            assert_eq!(got, before[i * stride + j], "outside the product");
+                            continue;
+                        }
+                        let (mut sum, mut scale) = (0f64, 0f64);
+                        for d in 0..k {
+                            let p = f32_of(bf16(a_src[i * k + d])) as f64
+                                * f32_of(bf16(b_src[d * n + j])) as f64;
+                            sum += p;
+                            scale += p.abs();
+                        }
+                        if accumulate {
+                            sum += before[i * stride + j] as f64;
+                        }
+                        assert!(
+                            (got as f64 - sum).abs() <= 1e-5 * (scale + 1.0),
+                            "[{m}, {n}, {k}] accumulate {accumulate} ({i}, {j}): {got} vs {sum}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
