@@ -113,41 +113,6 @@ fn tiles_of(buffer: &mut Vec<u16>, len: usize) -> &mut [u16] {
     &mut buffer[..len]
 }
 
-/// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
-pub fn pack_a<'a>(
-    buffer: &'a mut Vec<u16>,
-    src: &[f32],
-    row_stride: usize,
-    [m, k]: [usize; 2],
-) -> PackedA<'a> {
-    let mut packing = PackingA::new(buffer, [m, k]);
-    for i in 0..m {
-        packing.row(i, &src[i * row_stride..][..k]);
-    }
-    packing.finish()
-}
-
-/// Packs `B[d][j] = src[d * row_stride + j]` (`k x n`, columns contiguous) into `buffer`.
-pub fn pack_b_rows<'a>(
-    buffer: &'a mut Vec<u16>,
-    src: &[f32],
-    row_stride: usize,
-    [k, n]: [usize; 2],
-) -> PackedB<'a> {
-    let mut packing = PackingB::new(buffer, [k, n]);
-    let row = |d: usize| {
-        if d < k {
-            &src[d * row_stride..][..n]
-        } else {
-            &[]
-        }
-    };
-    for pair in 0..k.div_ceil(2) {
-        packing.pair(pair, row(2 * pair), row(2 * pair + 1));
-    }
-    packing.finish()
-}
-
 /// An `m x k` left operand packed one row at a time, e.g. from rows of an im2col that never
 /// exists whole in f32.
 pub struct PackingA<'a> {
@@ -231,26 +196,27 @@ impl<'a> PackingB<'a> {
         }
     }
 
-    /// Sets depth rows `2 * pair` (`first`) and `2 * pair + 1` (`second`, empty past `k`),
-    /// `n` values each: one row of a tile in every column block.
-    pub fn pair(&mut self, pair: usize, first: &[f32], second: &[f32]) {
-        let last = 2 * pair + 1 == self.k;
+    /// Sets depth rows `2 * pair` and `2 * pair + 1` from `values`, already in bf16 and
+    /// interleaved (`B[2 * pair][j], B[2 * pair + 1][j]` for each `j`, `2 * n` values).
+    pub fn interleaved_pair(&mut self, pair: usize, values: &[u16]) {
         assert!(
-            2 * pair < self.k
-                && first.len() == self.n
-                && second.len() == if last { 0 } else { self.n },
-            "depth rows {} and {} of B out of shape",
+            2 * pair < self.k && values.len() == 2 * self.n,
+            "interleaved depth rows {} and {} of B out of shape",
             2 * pair,
             2 * pair + 1
         );
-        fn part(values: &[f32], o: usize) -> &[f32] {
-            let j0 = (o * ROWS).min(values.len());
-            &values[j0..(j0 + ROWS).min(values.len())]
-        }
         for o in 0..self.blocks.outer {
             let tile = &mut self.tiles[self.blocks.tile(o, pair / ROWS)];
             let out = &mut tile[pair % ROWS * DEPTH..][..DEPTH];
-            interleave(part(first, o), part(second, o), out);
+            let at = (o * DEPTH).min(values.len());
+            let part = &values[at..(at + DEPTH).min(values.len())];
+            if let Ok(full) = <&[u16; DEPTH]>::try_from(part) {
+                // A fixed-size copy: vector moves, not a call to `memcpy`.
+                *<&mut [u16; DEPTH]>::try_from(out).expect("a tile row") = *full;
+                continue;
+            }
+            out[..part.len()].copy_from_slice(part);
+            out[part.len()..].fill(0);
         }
         self.pairs_set += 1;
     }
@@ -318,7 +284,7 @@ fn convert(values: &[f32], out: &mut [u16]) {
 }
 
 /// `out` (32 values) = `first[j], second[j]` for `j` in `0..16` as bf16, zeros past the ends.
-fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
+pub fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if vector_conversions() {
         // SAFETY: as in `convert`.
@@ -606,6 +572,49 @@ unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, 
 mod tests {
     use super::*;
 
+    /// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
+    fn pack_a<'a>(
+        buffer: &'a mut Vec<u16>,
+        src: &[f32],
+        row_stride: usize,
+        [m, k]: [usize; 2],
+    ) -> PackedA<'a> {
+        let mut packing = PackingA::new(buffer, [m, k]);
+        for i in 0..m {
+            packing.row(i, &src[i * row_stride..][..k]);
+        }
+        packing.finish()
+    }
+
+    /// Packs `B[d][j] = src[d * row_stride + j]` (`k x n`, columns contiguous) into `buffer`.
+    fn pack_b_rows<'a>(
+        buffer: &'a mut Vec<u16>,
+        src: &[f32],
+        row_stride: usize,
+        [k, n]: [usize; 2],
+    ) -> PackedB<'a> {
+        let mut packing = PackingB::new(buffer, [k, n]);
+        let value = |d: usize, j: usize| if d < k { src[d * row_stride + j] } else { 0.0 };
+        for pair in 0..k.div_ceil(2) {
+            // Interleaved 16 columns at a time, as the convolution's packing does.
+            let mut interleaved = vec![0u16; 2 * n];
+            for (block, out) in interleaved.chunks_mut(2 * ROWS).enumerate() {
+                let columns = block * ROWS..(block * ROWS + ROWS).min(n);
+                let [first, second] = [0, 1].map(|h| {
+                    columns
+                        .clone()
+                        .map(|j| value(2 * pair + h, j))
+                        .collect::<Vec<_>>()
+                });
+                let mut tile_row = [0u16; 2 * ROWS];
+                interleave(&first, &second, &mut tile_row);
+                out.copy_from_slice(&tile_row[..out.len()]);
+            }
+            packing.interleaved_pair(pair, &interleaved);
+        }
+        packing.finish()
+    }
+
     fn f32_of(b: u16) -> f32 {
         f32::from_bits((b as u32) << 16)
     }
@@ -643,9 +652,18 @@ mod tests {
     }
 
     /// Every packed value sits where the tile layout says, as the bf16 of its source, and the
-    /// padding is zero: each shape leaves partial blocks of rows, columns or depth.
+    /// padding is zero: each shape leaves partial blocks of rows, columns or depth. Both with
+    /// the AVX-512 conversions (where the CPU has them) and the scalar ones.
     #[test]
     fn packs_operands_in_tile_layout() {
+        for scalar in [false, true] {
+            SCALAR_PACKING.set(scalar);
+            packs_in_tile_layout();
+        }
+        SCALAR_PACKING.set(false);
+    }
+
+    fn packs_in_tile_layout() {
         for [m, n, k] in [
             [1, 1, 1],
             [16, 16, 32],

@@ -259,49 +259,115 @@ mod flex {
         /// value is the input under that tap at one output position. The rows of all taps make
         /// the im2col `[taps, samples * positions]`, positions contiguous, which GEMM reads as
         /// is; each output row is a copy of one run of a padded input row.
-        fn fill_tap_row(
+        fn fill_tap_row(&self, padded: &[f32], tap: usize, span: [usize; 2], row: &mut [f32]) {
+            let (kh, kw) = (self.kh, self.kw);
+            let (c, offset) = (tap / (kh * kw), [tap / kw % kh, tap % kw]);
+            self.fill_offset_row(padded, [c, self.cin], offset, span, 1, row);
+        }
+
+        /// As [`Self::fill_tap_row`] for plane `plane` of `planes` per sample, kernel offset
+        /// `(i, j)`, in padded planes of `lanes` values per position (2: [`Self::pair_planes`]).
+        fn fill_offset_row<T: Copy>(
             &self,
-            padded: &[f32],
-            tap: usize,
+            padded: &[T],
+            [plane, planes]: [usize; 2],
+            [i, j]: [usize; 2],
             [first_row, rows]: [usize; 2],
-            row: &mut [f32],
+            lanes: usize,
+            row: &mut [T],
         ) {
             let Geometry {
-                cin,
-                kh,
-                kw,
                 stride: [sh, sw],
                 wo,
                 ..
             } = *self;
             let [hp, pitch, phase] = self.padded_plane();
-            let (c, i, j) = (tap / (kh * kw), tap / kw % kh, tap % kw);
             // Column `ox * sw + j` of a padded row is value `ox + j / sw` of phase `j % sw`.
-            let start = (first_row * sh + i) * pitch + j % sw * phase + j / sw;
-            let samples = padded.chunks_exact(cin * hp * pitch);
-            for (sample, image) in row.chunks_exact_mut(rows * wo).zip(samples) {
-                let plane = &image[c * hp * pitch..][..hp * pitch];
-                copy_rows(sample, &plane[start..], wo, sh * pitch);
+            let start = ((first_row * sh + i) * pitch + j % sw * phase + j / sw) * lanes;
+            let plane_len = hp * pitch * lanes;
+            let samples = padded.chunks_exact(planes * plane_len);
+            for (sample, image) in row.chunks_exact_mut(rows * wo * lanes).zip(samples) {
+                let plane = &image[plane * plane_len..][..plane_len];
+                copy_rows(sample, &plane[start..], wo * lanes, sh * pitch * lanes);
             }
         }
+
+        /// `count` padded samples (as [`Self::padded`] gives them) in bf16 with their channels
+        /// interleaved in pairs, `[samples, ceil(C_in / 2), rows, pitch, 2]` (the second of an
+        /// odd last pair zero): the two taps of a channel pair at one kernel offset are then
+        /// one run of value pairs, the layout of a row of an AMX B tile.
+        fn pair_planes<'a>(
+            &self,
+            padded: &[f32],
+            count: usize,
+            buffer: &'a mut Vec<u16>,
+        ) -> &'a [u16] {
+            let [hp, pitch, _] = self.padded_plane();
+            let (plane, pairs) = (hp * pitch, self.cin.div_ceil(2));
+            let out = prefix(buffer, count * pairs * plane * 2);
+            let samples = out.chunks_exact_mut(pairs * plane * 2);
+            for (out, sample) in samples.zip(padded.chunks_exact(self.cin * plane)) {
+                let mut channels = sample.chunks_exact(plane);
+                for out in out.chunks_exact_mut(plane * 2) {
+                    let first = channels.next().expect("one channel per pair at least");
+                    let second = channels.next().unwrap_or(&[]);
+                    for (block, out) in out.chunks_mut(32).enumerate() {
+                        let at = block * 16;
+                        let (a, b) = (
+                            &first[at..(at + 16).min(plane)],
+                            &second[at.min(second.len())..(at + 16).min(second.len())],
+                        );
+                        let mut pairs = [0u16; 32];
+                        amx::interleave(a, b, &mut pairs);
+                        out.copy_from_slice(&pairs[..out.len()]);
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    /// The weights `[C_out, C_in, kh, kw]` packed for AMX with their taps in the channel-pair
+    /// order of [`Geometry::pair_planes`]: depth `2 * ((c / 2) * kh * kw + offset) + c % 2`
+    /// holds channel `c` at kernel offset `offset` (zero for the missing channel of an odd
+    /// `C_in`).
+    fn pack_pair_weights<'a>(
+        g: &Geometry,
+        weights: &[f32],
+        buffer: &'a mut Vec<u16>,
+    ) -> amx::PackedA<'a> {
+        let window = g.kh * g.kw;
+        let depth = 2 * g.cin.div_ceil(2) * window;
+        let mut packing = amx::PackingA::new(buffer, [g.cout, depth]);
+        let mut row = vec![0f32; depth];
+        for (co, kernel) in weights.chunks_exact(g.cin * window).enumerate() {
+            for (c, plane) in kernel.chunks_exact(window).enumerate() {
+                for (offset, &v) in plane.iter().enumerate() {
+                    row[2 * (c / 2 * window + offset) + c % 2] = v;
+                }
+            }
+            packing.row(co, &row);
+        }
+        packing.finish()
     }
 
     /// Copies `src[r * step..][..width]` to `dst[r * width..][..width]` for every row `r` of
     /// `dst`. The short rows of im2col (4 to 32 values in a CIFAR ResNet) get copies of a
     /// fixed size, which compile to vector moves instead of calls to `memcpy`.
     #[inline(always)]
-    fn copy_rows(dst: &mut [f32], src: &[f32], width: usize, step: usize) {
-        fn fixed<const W: usize>(dst: &mut [f32], src: &[f32], step: usize) {
+    fn copy_rows<T: Copy>(dst: &mut [T], src: &[T], width: usize, step: usize) {
+        fn fixed<T: Copy, const W: usize>(dst: &mut [T], src: &[T], step: usize) {
             for (r, out) in dst.chunks_exact_mut(W).enumerate() {
-                let out: &mut [f32; W] = out.try_into().expect("chunks of W");
+                let out: &mut [T; W] = out.try_into().expect("chunks of W");
                 *out = src[r * step..][..W].try_into().expect("a run of W");
             }
         }
         match width {
-            4 => fixed::<4>(dst, src, step),
-            8 => fixed::<8>(dst, src, step),
-            16 => fixed::<16>(dst, src, step),
-            32 => fixed::<32>(dst, src, step),
+            4 => fixed::<T, 4>(dst, src, step),
+            8 => fixed::<T, 8>(dst, src, step),
+            16 => fixed::<T, 16>(dst, src, step),
+            32 => fixed::<T, 32>(dst, src, step),
+            64 => fixed::<T, 64>(dst, src, step),
             _ => {
                 for (r, out) in dst.chunks_exact_mut(width).enumerate() {
                     out.copy_from_slice(&src[r * step..][..width]);
@@ -316,7 +382,9 @@ mod flex {
         padded: Vec<f32>,
         columns: Vec<f32>,
         product: Vec<f32>,
-        /// The im2col tile packed for AMX (bf16).
+        /// In bf16: the padded input in channel pairs, a row of their im2col, the tile packed.
+        pairs: Vec<u16>,
+        pair_row: Vec<u16>,
         packed: Vec<u16>,
     }
 
@@ -337,9 +405,9 @@ mod flex {
 
     /// The first `len` values of `buffer`, grown (never shrunk) to hold them; their contents
     /// are whatever was there before.
-    fn prefix(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    fn prefix<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
         if buffer.len() < len {
-            buffer.resize(len, 0.0);
+            buffer.resize(len, T::default());
         }
         &mut buffer[..len]
     }
@@ -473,8 +541,7 @@ mod flex {
             // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
             let weights = contiguous_f32(&weight);
             let mut packed_weights = Vec::new();
-            let packed_weights =
-                bf16.then(|| amx::pack_a(&mut packed_weights, &weights, taps, [cout, taps]));
+            let packed_weights = bf16.then(|| pack_pair_weights(&g, &weights, &mut packed_weights));
             // Small images go several to a GEMM, so that its rows fill a tile.
             let group = (TILE_POSITIONS / positions).clamp(1, g.n);
             // Tiles of whole output rows.
@@ -490,28 +557,33 @@ mod flex {
                             padded,
                             columns,
                             product,
+                            pairs,
+                            pair_row,
                             packed,
                         } = scratch;
                         let padded = g.padded(&xs, [index * group, count], padded, false);
+                        let pairs = if bf16 {
+                            g.pair_planes(padded, count, pairs)
+                        } else {
+                            &[]
+                        };
                         for first_row in (0..g.ho).step_by(tile_rows) {
                             let tile_rows = tile_rows.min(g.ho - first_row);
                             let (start, tile) = (first_row * g.wo, tile_rows * g.wo);
                             let (rows, span) = (count * tile, [first_row, tile_rows]);
-                            let packed_columns = if packed_weights.is_some() {
-                                // In bf16 the im2col goes straight into tile layout, two taps
-                                // at a time.
-                                let pair = prefix(columns, 2 * rows);
-                                let (first, second) = pair.split_at_mut(rows);
-                                let mut packing = amx::PackingB::new(packed, [taps, rows]);
-                                for pair in 0..taps.div_ceil(2) {
-                                    g.fill_tap_row(padded, 2 * pair, span, first);
-                                    let second: &[f32] = if 2 * pair + 1 < taps {
-                                        g.fill_tap_row(padded, 2 * pair + 1, span, second);
-                                        second
-                                    } else {
-                                        &[]
-                                    };
-                                    packing.pair(pair, first, second);
+                            let packed_columns = if bf16 {
+                                // In bf16 the im2col goes straight into tile layout, one run
+                                // of value pairs per pair of channels and kernel offset.
+                                let (planes, window) = (g.cin.div_ceil(2), g.kh * g.kw);
+                                let row = prefix(pair_row, 2 * rows);
+                                let depth = 2 * planes * window;
+                                let mut packing = amx::PackingB::new(packed, [depth, rows]);
+                                for pair in 0..planes * window {
+                                    let (plane, offset) = (pair / window, pair % window);
+                                    let offset = [offset / g.kw, offset % g.kw];
+                                    let planes = [plane, planes];
+                                    g.fill_offset_row(pairs, planes, offset, span, 2, row);
+                                    packing.interleaved_pair(pair, row);
                                 }
                                 Some(packing.finish())
                             } else {
@@ -846,13 +918,14 @@ mod tests {
     /// Under a bf16 autocast scope the convolution takes bf16 GEMMs (AMX tiles where the CPU
     /// has them, burn's bf16 convolution otherwise): output and both gradients within bf16
     /// rounding of burn's f32 convolution, for a stride-1 layer (its input gradient on the
-    /// same GEMMs) and a strided one, with depths beyond one pass of the tile kernel.
+    /// same GEMMs) and a strided one, with depths beyond one tile.
     #[test]
     fn bf16_convolution_stays_within_bf16_rounding_of_f32() {
         use crate::model::precision::{Precision, autocast};
         let device = Device::flex().autodiff();
         device.seed(9);
-        for (cin, cout, stride, size) in [(40, 36, 1, 9), (24, 40, 2, 7)] {
+        // An odd channel count (3, as a stem) leaves the last channel pair half empty.
+        for (cin, cout, stride, size) in [(40, 36, 1, 9), (24, 40, 2, 7), (3, 20, 1, 8)] {
             let conv = Conv2dConfig::new([cin, cout], [3, 3])
                 .with_stride([stride, stride])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
