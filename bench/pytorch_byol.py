@@ -3,6 +3,7 @@
 Same model (ResNet-18 as torchvision's, with the CIFAR stem, projector Linear-BN-ReLU-Linear, predictor
 Linear-ReLU-Linear as the `seed` preset), same step (online forward and backward on both views,
 target forward on both, Adam, EMA), random images. Prints one JSON line like `byol bench train`.
+With --infer: the backbone's forward in eval mode without gradients, as `byol bench infer`.
 
     pip install torch
     python bench/pytorch_byol.py --width 1.0 --batch-size 128 --steps 10
@@ -79,6 +80,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--infer", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +98,11 @@ def main():
 
     b, s = args.batch_size, args.image_size
 
+    def infer():
+        x = torch.randn(b, 3, s, s).to(memory_format=fmt)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            net(x)
+
     def step():
         v1 = torch.randn(b, 3, s, s).to(memory_format=fmt)
         v2 = torch.randn(b, 3, s, s).to(memory_format=fmt)
@@ -111,6 +118,9 @@ def main():
             for po, pt in zip(online.parameters(), target.parameters()):
                 pt.mul_(0.99).add_(po, alpha=0.01)
 
+    if args.infer:
+        net.eval()
+        step = infer
     for _ in range(args.warmup):
         step()
     times = []
@@ -120,7 +130,7 @@ def main():
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     print(json.dumps({
-        "bench": "train", "stack": "pytorch" + (" channels_last" if args.channels_last else "") + (" bf16" if args.bf16 else ""),
+        "bench": "infer" if args.infer else "train", "stack": "pytorch" + (" channels_last" if args.channels_last else "") + (" bf16" if args.bf16 else ""),
         "batch_size": b, "image_size": s, "images_per_sec": b / median,
         "timing": {"median_s": median, "min_s": min(times), "max_s": max(times), "steps": len(times)},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads(),

@@ -91,7 +91,11 @@ enum Activation {
 fn normalize(bn: &BatchNorm, x: Tensor<4>, activation: Activation) -> Tensor<4> {
     use burn::tensor::activation::relu;
     if !takes_fused_path(bn, &x) {
-        let y = bn.forward(x);
+        let y = if super::enabled() && !in_training(bn, &x) {
+            with_running_statistics(bn, x)
+        } else {
+            bn.forward(x)
+        };
         return match activation {
             Activation::None => y,
             Activation::Relu => relu(y),
@@ -135,12 +139,29 @@ fn normalize(bn: &BatchNorm, x: Tensor<4>, activation: Activation) -> Tensor<4> 
     Tensor::from_dispatch(output)
 }
 
+/// Whether burn's `BatchNorm::forward` takes its training path: an autodiff device and the
+/// layer's flag.
+fn in_training(bn: &BatchNorm, x: &Tensor<4>) -> bool {
+    x.device().is_autodiff() && bn.training.is_enabled()
+}
+
+/// BatchNorm with the running statistics (inference) as one scale and shift per channel: two
+/// passes over `x` where burn's `batch_norm` makes four.
+fn with_running_statistics(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    let channels = bn.gamma.dims()[0];
+    let mean = bn.running_mean.value().to_device(&device);
+    let variance = bn.running_var.value().to_device(&device);
+    let scale = bn.gamma.val() / variance.add_scalar(bn.epsilon).sqrt();
+    let shift = bn.beta.val() - mean * scale.clone();
+    x * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1])
+}
+
 /// Training mode (as burn decides it: an autodiff device and the layer's flag) on flex, f32.
 fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
     let device = x.device();
     super::enabled()
-        && device.is_autodiff()
-        && bn.training.is_enabled()
+        && in_training(bn, x)
         && x.dtype() == burn::tensor::DType::F32
         && super::is_flex(&device)
 }
@@ -728,5 +749,48 @@ mod tests {
         let theirs = nans(burn::tensor::activation::relu(bn.forward(x)));
         assert!(theirs > 0);
         assert_eq!(fused, theirs);
+    }
+
+    /// With the running statistics (inference, no autodiff) the scale and shift matches burn's
+    /// inference BatchNorm, alone and with the residual add + ReLU after it.
+    #[test]
+    fn inference_matches_burns_batch_norm() {
+        use burn::module::Module;
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let mut bn = BatchNormConfig::new(6).init(&device);
+        bn.gamma = burn::module::Param::from_tensor(Tensor::<1>::random(
+            [6],
+            Distribution::Uniform(0.5, 1.5),
+            &device,
+        ));
+        bn.beta = burn::module::Param::from_tensor(Tensor::<1>::random(
+            [6],
+            Distribution::Uniform(-0.5, 0.5),
+            &device,
+        ));
+        // Running statistics away from their initial 0 and 1.
+        for _ in 0..3 {
+            let x = Tensor::<4>::random([5, 6, 7, 3], Distribution::Normal(1.5, 2.0), &device);
+            let _ = bn.forward(x);
+        }
+        let bn = bn.valid();
+        let plain = Device::flex();
+        let x = Tensor::<4>::random([5, 6, 7, 3], Distribution::Normal(1.5, 2.0), &plain);
+        let residual = Tensor::<4>::random([5, 6, 7, 3], Distribution::Normal(0.0, 1.0), &plain);
+        assert!(!in_training(&bn, &x));
+        let flat = |t: Tensor<4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
+        let relu = burn::tensor::activation::relu::<4>;
+        for (ours, theirs) in [
+            (forward(&bn, x.clone()), bn.forward(x.clone())),
+            (
+                forward_add_relu(&bn, x.clone(), residual.clone()),
+                relu(bn.forward(x.clone()) + residual.clone()),
+            ),
+        ] {
+            for (p, q) in flat(ours).iter().zip(flat(theirs)) {
+                assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
+            }
+        }
     }
 }
