@@ -14,6 +14,12 @@
 //! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, the same im2col over whole samples,
 //!   into a column-major result so that gemm packs the small `dy` rather than the im2col.
 //!
+//! - In bf16 (`--precision bf16` on a CPU with AMX) the same three products run on
+//!   [`super::amx`] tiles: the forward's im2col is built from the input converted once to bf16
+//!   with its channels interleaved in pairs, so that each row of a tile is one copied run; the
+//!   weight gradient packs its im2col rows straight into tile layout, its samples split over the
+//!   threads. Strided input gradients stay f32 on burn's.
+//!
 //! GEMM is the `gemm` crate flex itself uses, called directly for strides and accumulation.
 //! burn's `Conv2d` module keeps the parameters; [`forward`] replaces its forward.
 
@@ -50,7 +56,7 @@ pub trait GemmConvOps: burn::backend::Backend {
 
 /// `conv` applied to an NCHW batch: through [`GemmConvOps`] on flex with f32 tensors and no
 /// bias (under a bf16 autocast scope with bf16 GEMMs, where the CPU has AMX), as
-/// [`precision::conv2d`] otherwise.
+/// `precision::conv2d` otherwise.
 pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let Some((options, bf16)) = gemm_path(conv, &x) else {
         return precision::conv2d(conv, x);
