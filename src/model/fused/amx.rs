@@ -113,6 +113,20 @@ fn tiles_of(buffer: &mut Vec<u16>, len: usize) -> &mut [u16] {
     &mut buffer[..len]
 }
 
+/// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
+pub fn pack_a<'a>(
+    buffer: &'a mut Vec<u16>,
+    src: &[f32],
+    row_stride: usize,
+    [m, k]: [usize; 2],
+) -> PackedA<'a> {
+    let mut packing = PackingA::new(buffer, [m, k]);
+    for i in 0..m {
+        packing.row(i, &src[i * row_stride..][..k]);
+    }
+    packing.finish()
+}
+
 /// An `m x k` left operand packed one row at a time, e.g. from rows of an im2col that never
 /// exists whole in f32.
 pub struct PackingA<'a> {
@@ -571,20 +585,6 @@ unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
-    fn pack_a<'a>(
-        buffer: &'a mut Vec<u16>,
-        src: &[f32],
-        row_stride: usize,
-        [m, k]: [usize; 2],
-    ) -> PackedA<'a> {
-        let mut packing = PackingA::new(buffer, [m, k]);
-        for i in 0..m {
-            packing.row(i, &src[i * row_stride..][..k]);
-        }
-        packing.finish()
-    }
 
     /// Packs `B[d][j] = src[d * row_stride + j]` (`k x n`, columns contiguous) into `buffer`.
     fn pack_b_rows<'a>(

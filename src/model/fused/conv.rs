@@ -10,16 +10,15 @@
 //!   direct loop. For the stride-1 convolutions that make up most of a ResNet the input gradient
 //!   *is* a convolution, of the output gradient with the kernel flipped in space and its in/out
 //!   channels swapped, padded by `k - 1 - p`: it takes the forward above. Strided convolutions
-//!   keep burn's.
+//!   compute `weight^T x dy` per sample (the gradient of its im2col) and add each tap's row back
+//!   where im2col copied it from (col2im).
 //! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, the same im2col over whole samples,
 //!   into a column-major result so that gemm packs the small `dy` rather than the im2col.
-//!
 //! - In bf16 (`--precision bf16` on a CPU with AMX) the same three products run on
 //!   [`super::amx`] tiles: the forward's im2col is built from the input converted once to bf16
 //!   with its channels interleaved in pairs, so that each row of a tile is one copied run; the
 //!   weight gradient packs its im2col rows straight into tile layout, its samples split over the
-//!   threads; strided input gradients are `weight^T x dy` per sample, added back into the
-//!   input's positions (col2im).
+//!   threads.
 //!
 //! GEMM is the `gemm` crate flex itself uses, called directly for strides and accumulation.
 //! burn's `Conv2d` module keeps the parameters; [`forward`] replaces its forward.
@@ -54,14 +53,16 @@ pub trait GemmConvOps: burn::backend::Backend {
         bf16: bool,
     ) -> FloatTensor<Self>;
 
-    /// The input gradient of [`gemm_conv2d`](GemmConvOps::gemm_conv2d) in bf16 on AMX tiles
-    /// (no groups, no dilation, symmetric padding; any stride): `weight^T [taps, C_out] x dy
-    /// [C_out, P]` per sample, then each tap's row added back where im2col took it from.
-    fn gemm_conv2d_input_grad_bf16(
+    /// The input gradient of [`gemm_conv2d`](GemmConvOps::gemm_conv2d) (no groups, no
+    /// dilation, symmetric padding; any stride): `weight^T [taps, C_out] x dy [C_out, P]` per
+    /// sample, then each tap's row added back where im2col took it from; `bf16` as in
+    /// `gemm_conv2d`.
+    fn gemm_conv2d_input_grad(
         output_grad: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         input: [usize; 4],
         options: ConvOptions<2>,
+        bf16: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -790,27 +791,28 @@ mod flex {
         /// Samples in parallel: `weight^T x dy` into this sample's im2col-shaped gradient,
         /// whose tap rows are added into a padded, phase-split plane (the runs im2col copies
         /// from), which is then cropped.
-        fn gemm_conv2d_input_grad_bf16(
+        fn gemm_conv2d_input_grad(
             output_grad: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             input: [usize; 4],
             options: ConvOptions<2>,
+            bf16: bool,
         ) -> FloatTensor<Self> {
             let ws = weight.layout().shape().clone();
             let g = Geometry::new(&Shape::new(input), ws[0], [ws[2], ws[3]], &options);
             let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
             let (dys, weights) = (contiguous_f32(&output_grad), contiguous_f32(&weight));
-            // weight^T: row `tap` holds that tap's weight for every output channel.
-            let mut packed_weights = Vec::new();
-            let mut packing = amx::PackingA::new(&mut packed_weights, [taps, cout]);
-            let mut row = vec![0f32; cout];
-            for tap in 0..taps {
+            // weight^T, `[taps, C_out]`: row `tap` holds that tap's weight for every output
+            // channel (the GEMM's `k` contiguous).
+            let mut transposed = vec![0f32; taps * cout];
+            for (tap, row) in transposed.chunks_exact_mut(cout).enumerate() {
                 for (co, value) in row.iter_mut().enumerate() {
                     *value = weights[co * taps + tap];
                 }
-                packing.row(tap, &row);
             }
-            let packed_weights = packing.finish();
+            let mut packed_weights = Vec::new();
+            let packed_weights =
+                bf16.then(|| amx::pack_a(&mut packed_weights, &transposed, cout, [taps, cout]));
             let [hp, pitch, phase] = g.padded_plane();
             let image = g.cin * g.h * g.w;
             let mut grad = vec![0f32; g.n * image];
@@ -818,9 +820,26 @@ mod flex {
                 .zip(dys.par_chunks(cout * positions))
                 .for_each(|(grad, dy)| {
                     with_scratch(|scratch| {
-                        let dy = pack_rows(&mut scratch.packed, dy, [cout, positions]);
+                        // `[taps, P]`, the gradient of this sample's im2col.
                         let columns = prefix(&mut scratch.columns, taps * positions);
-                        amx::matmul(columns, positions, &packed_weights, &dy, false);
+                        if let Some(weights) = &packed_weights {
+                            let dy = pack_rows(&mut scratch.packed, dy, [cout, positions]);
+                            amx::matmul(columns, positions, weights, &dy, false);
+                        } else {
+                            // As its transpose `dy^T [P, C_out] x weight [C_out, taps]`,
+                            // both operands with `k` contiguous where gemm wants it.
+                            gemm_into(
+                                columns,
+                                [1, positions],
+                                [positions, taps, cout],
+                                dy,
+                                [1, positions],
+                                &transposed,
+                                [1, cout],
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
                         let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
                         padded.fill(0.0);
                         g.add_tap_rows(columns, padded);
@@ -902,9 +921,9 @@ mod autodiff {
                     ];
                     let options = ConvOptions::new([1, 1], padding, [1, 1], 1);
                     B::gemm_conv2d(grad, flipped, options, bf16)
-                } else if bf16 && on_gemm(&options) {
+                } else if on_gemm(&options) {
                     let input = x.shape().dims::<4>();
-                    B::gemm_conv2d_input_grad_bf16(grad, weight, input, options)
+                    B::gemm_conv2d_input_grad(grad, weight, input, options, bf16)
                 } else {
                     B::conv2d_x_backward(x, weight, grad, options)
                 };
@@ -947,17 +966,19 @@ mod autodiff {
         }
 
         /// Not differentiated again: computed on the inner backend, outside the graph.
-        fn gemm_conv2d_input_grad_bf16(
+        fn gemm_conv2d_input_grad(
             output_grad: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             input: [usize; 4],
             options: ConvOptions<2>,
+            bf16: bool,
         ) -> FloatTensor<Self> {
-            Self::from_inner(B::gemm_conv2d_input_grad_bf16(
+            Self::from_inner(B::gemm_conv2d_input_grad(
                 Self::inner(output_grad),
                 Self::inner(weight),
                 input,
                 options,
+                bf16,
             ))
         }
     }
