@@ -286,6 +286,7 @@ pub fn pack_b_cols<'a>(
 
 /// `out` (32 values) = `values` (at most 32) as bf16, then zeros.
 fn convert(values: &[f32], out: &mut [u16]) {
+    assert!(values.len() <= DEPTH && out.len() == DEPTH);
     #[cfg(target_arch = "x86_64")]
     if vector_conversions() {
         // SAFETY: the CPU has the features (checked); the lengths are asserted inside.
@@ -299,6 +300,7 @@ fn convert(values: &[f32], out: &mut [u16]) {
 
 /// `out` (32 values) = `first[j], second[j]` for `j` in `0..16` as bf16, zeros past the ends.
 pub fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
+    assert!(first.len() <= ROWS && second.len() <= ROWS && out.len() == 2 * ROWS);
     #[cfg(target_arch = "x86_64")]
     if vector_conversions() {
         // SAFETY: as in `convert`.
@@ -313,7 +315,8 @@ pub fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
 }
 
 /// Whether the packers convert with AVX-512 (every AMX CPU has it); the scalar loops are the
-/// reference they are tested against.
+/// reference they are tested against. (The vector conversion flushes subnormal inputs to zero,
+/// as the tile multiply does with subnormal bf16 anyway.)
 #[cfg(target_arch = "x86_64")]
 fn vector_conversions() -> bool {
     #[cfg(test)]
