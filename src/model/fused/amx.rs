@@ -247,6 +247,29 @@ impl<'a> PackingB<'a> {
     }
 }
 
+/// Packs `B[d][j] = src[d * row_stride + j]` (`k x n`, columns contiguous) into `buffer`.
+pub fn pack_b_rows<'a>(
+    buffer: &'a mut Vec<u16>,
+    src: &[f32],
+    row_stride: usize,
+    [k, n]: [usize; 2],
+) -> PackedB<'a> {
+    let mut packing = PackingB::new(buffer, [k, n]);
+    let mut pair = vec![0u16; 2 * n];
+    let row = |d: usize| -> &[f32] {
+        if d < k {
+            &src[d * row_stride..][..n]
+        } else {
+            &[]
+        }
+    };
+    for p in 0..k.div_ceil(2) {
+        interleave_runs(row(2 * p), row(2 * p + 1), &mut pair);
+        packing.interleaved_pair(p, &pair);
+    }
+    packing.finish()
+}
+
 /// Packs `B[d][j] = src[j * col_stride + d]` (`k x n`, depth contiguous) into `buffer`.
 pub fn pack_b_cols<'a>(
     buffer: &'a mut Vec<u16>,
@@ -298,8 +321,21 @@ fn convert(values: &[f32], out: &mut [u16]) {
     out[values.len()..].fill(0);
 }
 
+/// `out[2 * j], out[2 * j + 1]` = `first[j], second[j]` in bf16 (zero past the end of
+/// `second`) for every value of `first` (`out` holds twice as many): two rows made one row of
+/// depth pairs, as a B tile takes them.
+pub fn interleave_runs(first: &[f32], second: &[f32], out: &mut [u16]) {
+    for (block, (out, first)) in out.chunks_mut(2 * ROWS).zip(first.chunks(ROWS)).enumerate() {
+        let at = (block * ROWS).min(second.len());
+        let second = &second[at..(at + ROWS).min(second.len())];
+        let mut pairs = [0u16; 2 * ROWS];
+        interleave(first, second, &mut pairs);
+        out.copy_from_slice(&pairs[..out.len()]);
+    }
+}
+
 /// `out` (32 values) = `first[j], second[j]` for `j` in `0..16` as bf16, zeros past the ends.
-pub fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
+fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
     assert!(first.len() <= ROWS && second.len() <= ROWS && out.len() == 2 * ROWS);
     #[cfg(target_arch = "x86_64")]
     if vector_conversions() {
@@ -588,35 +624,6 @@ unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Packs `B[d][j] = src[d * row_stride + j]` (`k x n`, columns contiguous) into `buffer`.
-    fn pack_b_rows<'a>(
-        buffer: &'a mut Vec<u16>,
-        src: &[f32],
-        row_stride: usize,
-        [k, n]: [usize; 2],
-    ) -> PackedB<'a> {
-        let mut packing = PackingB::new(buffer, [k, n]);
-        let value = |d: usize, j: usize| if d < k { src[d * row_stride + j] } else { 0.0 };
-        for pair in 0..k.div_ceil(2) {
-            // Interleaved 16 columns at a time, as the convolution's packing does.
-            let mut interleaved = vec![0u16; 2 * n];
-            for (block, out) in interleaved.chunks_mut(2 * ROWS).enumerate() {
-                let columns = block * ROWS..(block * ROWS + ROWS).min(n);
-                let [first, second] = [0, 1].map(|h| {
-                    columns
-                        .clone()
-                        .map(|j| value(2 * pair + h, j))
-                        .collect::<Vec<_>>()
-                });
-                let mut tile_row = [0u16; 2 * ROWS];
-                interleave(&first, &second, &mut tile_row);
-                out.copy_from_slice(&tile_row[..out.len()]);
-            }
-            packing.interleaved_pair(pair, &interleaved);
-        }
-        packing.finish()
-    }
 
     fn f32_of(b: u16) -> f32 {
         f32::from_bits((b as u32) << 16)

@@ -348,7 +348,7 @@ mod flex {
                 let mut channels = sample.chunks_exact(plane);
                 for out in out.chunks_exact_mut(plane * 2) {
                     let first = channels.next().expect("one channel per pair at least");
-                    interleave_runs(first, channels.next().unwrap_or(&[]), out);
+                    amx::interleave_runs(first, channels.next().unwrap_or(&[]), out);
                 }
             }
             out
@@ -375,39 +375,6 @@ mod flex {
                 }
             }
             packing.row(co, &row);
-        }
-        packing.finish()
-    }
-
-    /// `out[2 * j], out[2 * j + 1]` = `first[j], second[j]` in bf16 (zero past the end of
-    /// `second`) for every value of `first` (`out` holds twice as many).
-    fn interleave_runs(first: &[f32], second: &[f32], out: &mut [u16]) {
-        for (block, (out, first)) in out.chunks_mut(32).zip(first.chunks(16)).enumerate() {
-            let at = (block * 16).min(second.len());
-            let second = &second[at..(at + 16).min(second.len())];
-            let mut pairs = [0u16; 32];
-            amx::interleave(first, second, &mut pairs);
-            out.copy_from_slice(&pairs[..out.len()]);
-        }
-    }
-
-    /// `src` (`[k, n]`, rows contiguous) packed as the right operand of an AMX product.
-    fn pack_rows<'a>(
-        buffer: &'a mut Vec<u16>,
-        src: &[f32],
-        [k, n]: [usize; 2],
-    ) -> amx::PackedB<'a> {
-        let mut packing = amx::PackingB::new(buffer, [k, n]);
-        let mut pair = vec![0u16; 2 * n];
-        for p in 0..k.div_ceil(2) {
-            let first = &src[2 * p * n..][..n];
-            let second = if 2 * p + 1 < k {
-                &src[(2 * p + 1) * n..][..n]
-            } else {
-                &[]
-            };
-            interleave_runs(first, second, &mut pair);
-            packing.interleaved_pair(p, &pair);
         }
         packing.finish()
     }
@@ -823,7 +790,12 @@ mod flex {
                         // `[taps, P]`, the gradient of this sample's im2col.
                         let columns = prefix(&mut scratch.columns, taps * positions);
                         if let Some(weights) = &packed_weights {
-                            let dy = pack_rows(&mut scratch.packed, dy, [cout, positions]);
+                            let dy = amx::pack_b_rows(
+                                &mut scratch.packed,
+                                dy,
+                                positions,
+                                [cout, positions],
+                            );
                             amx::matmul(columns, positions, weights, &dy, false);
                         } else {
                             // As its transpose `dy^T [P, C_out] x weight [C_out, taps]`,
