@@ -153,12 +153,22 @@ fn norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4>
     return burn::tensor::activation::relu(bn.forward(x) + residual);
 }
 
-/// `relu(norm(bn, x))`, the ReLU fused into the BatchNorm pass where [`norm`] is fused.
-fn norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+/// `convolve(conv, relu(norm(bn, x)))`, where the norm's output feeds nothing else: fused on flex
+/// in training so that the backward keeps `x` only.
+fn norm_relu_convolve(bn: &BatchNorm, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    return super::fused::batch_norm::forward_relu(bn, x);
+    return super::fused::norm_conv::norm_relu_conv(bn, x, conv);
     #[cfg(not(feature = "flex"))]
-    return burn::tensor::activation::relu(bn.forward(x));
+    return convolve(conv, burn::tensor::activation::relu(bn.forward(x)));
+}
+
+/// `relu(norm(bn, convolve(conv, x)))` for the stem: fused on flex in training so that the
+/// backward keeps `x` (the images) and runs the three-channel convolution again.
+fn convolve_norm_relu(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    return super::fused::norm_conv::conv_norm_relu(conv, bn, x);
+    #[cfg(not(feature = "flex"))]
+    return burn::tensor::activation::relu(bn.forward(convolve(conv, x)));
 }
 
 fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
@@ -216,8 +226,8 @@ impl BasicBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = Downsample::shortcut(&self.downsample, x.clone());
-        let out = norm_relu(&self.bn1, convolve(&self.conv1, x));
-        norm_add_relu(&self.bn2, convolve(&self.conv2, out), identity)
+        let out = norm_relu_convolve(&self.bn1, convolve(&self.conv1, x), &self.conv2);
+        norm_add_relu(&self.bn2, out, identity)
     }
 }
 
@@ -249,9 +259,9 @@ impl Bottleneck {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = Downsample::shortcut(&self.downsample, x.clone());
-        let out = norm_relu(&self.bn1, convolve(&self.conv1, x));
-        let out = norm_relu(&self.bn2, convolve(&self.conv2, out));
-        norm_add_relu(&self.bn3, convolve(&self.conv3, out), identity)
+        let out = norm_relu_convolve(&self.bn1, convolve(&self.conv1, x), &self.conv2);
+        let out = norm_relu_convolve(&self.bn2, out, &self.conv3);
+        norm_add_relu(&self.bn3, out, identity)
     }
 }
 
@@ -285,7 +295,7 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let mut x = norm_relu(&self.bn1, convolve(&self.conv1, images));
+        let mut x = convolve_norm_relu(&self.conv1, &self.bn1, images);
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }

@@ -42,6 +42,19 @@ pub trait FusedBatchNormOps: burn::backend::Backend {
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// The output of [`fused_batch_norm_train`](FusedBatchNormOps::fused_batch_norm_train)
+    /// again, from its input and the statistics it returned (bit for bit the same values): for
+    /// a backward that keeps the input but not the output.
+    fn fused_batch_norm_apply(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self>;
+
     /// `(input, gamma, beta)` gradients given the output gradient.
     fn fused_batch_norm_train_backward(
         x: FloatTensor<Self>,
@@ -120,10 +133,22 @@ fn normalize(bn: &BatchNorm, x: Tensor<4>, activation: Activation) -> Tensor<4> 
             bn.epsilon,
         ),
     };
+    record_batch_statistics(bn, mean, variance, &device);
+    Tensor::from_dispatch(output)
+}
+
+/// Moves `bn`'s running statistics towards a batch's `mean` and biased `variance` (as returned
+/// by the fused ops), exactly as burn's `BatchNorm` does in training.
+pub(super) fn record_batch_statistics(
+    bn: &BatchNorm,
+    mean: burn::backend::tensor::FloatTensor<burn::backend::Dispatch>,
+    variance: burn::backend::tensor::FloatTensor<burn::backend::Dispatch>,
+    device: &burn::tensor::Device,
+) {
     let mean = Tensor::<1>::from_dispatch(mean).detach();
     let variance = Tensor::<1>::from_dispatch(variance).detach();
-    let running_mean = bn.running_mean.value_sync().to_device(&device);
-    let running_var = bn.running_var.value_sync().to_device(&device);
+    let running_mean = bn.running_mean.value_sync().to_device(device);
+    let running_var = bn.running_var.value_sync().to_device(device);
     bn.running_mean.update(
         running_mean
             .mul_scalar(1.0 - bn.momentum)
@@ -136,7 +161,6 @@ fn normalize(bn: &BatchNorm, x: Tensor<4>, activation: Activation) -> Tensor<4> 
             .add(variance.mul_scalar(bn.momentum))
             .detach(),
     );
-    Tensor::from_dispatch(output)
 }
 
 /// Whether burn's `BatchNorm::forward` takes its training path: an autodiff device and the
@@ -158,7 +182,7 @@ fn with_running_statistics(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// Training mode (as burn decides it: an autodiff device and the layer's flag) on flex, f32.
-fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
+pub(super) fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
     let device = x.device();
     super::enabled()
         && in_training(bn, x)
@@ -259,6 +283,29 @@ mod flex {
             forward(x, gamma, beta, epsilon, true, Some(residual))
         }
 
+        fn fused_batch_norm_apply(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            epsilon: f64,
+            relu: bool,
+        ) -> FloatTensor<Self> {
+            let shape = x.layout().shape().clone();
+            let (mean, variance) = (contiguous_f32(&mean), contiguous_f32(&variance));
+            let out = apply(
+                &contiguous_f32(&x),
+                dims(&shape),
+                [&mean, &variance],
+                [&contiguous_f32(&gamma), &contiguous_f32(&beta)],
+                epsilon,
+                relu,
+                None,
+            );
+            tensor(out, shape)
+        }
+
         fn fused_batch_norm_train_backward(
             x: FloatTensor<Self>,
             gamma: FloatTensor<Self>,
@@ -283,7 +330,7 @@ mod flex {
         }
     }
 
-    /// Both forward passes: the norm, then `residual` added, then the ReLU when `relu`.
+    /// Both forward passes: the batch statistics, then [`apply`].
     fn forward(
         x: FloatTensor<Flex>,
         gamma: FloatTensor<Flex>,
@@ -311,10 +358,37 @@ mod flex {
         .into_iter()
         .map(|[total]| (total / count) as f32)
         .collect();
+        let out = apply(
+            &xs,
+            (n, c, s),
+            [&mean, &variance],
+            [&gamma, &beta],
+            epsilon,
+            relu,
+            residual,
+        );
+        (
+            tensor(out, shape),
+            tensor(mean, Shape::new([c])),
+            tensor(variance, Shape::new([c])),
+        )
+    }
+
+    /// The forward's output from its statistics: the norm, then `residual` added, then the
+    /// ReLU when `relu`.
+    fn apply(
+        xs: &[f32],
+        (n, c, s): (usize, usize, usize),
+        [mean, variance]: [&[f32]; 2],
+        [gamma, beta]: [&[f32]; 2],
+        epsilon: f64,
+        relu: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         let scale: Vec<f32> = (0..c)
             .map(|ch| gamma[ch] / (variance[ch] as f64 + epsilon).sqrt() as f32)
             .collect();
-        let mut out = vec![0f32; xs.len()];
+        let mut out = vec![0f32; n * c * s];
         out.par_chunks_mut(s)
             .zip(xs.par_chunks(s))
             .enumerate()
@@ -337,11 +411,7 @@ mod flex {
                     }
                 }
             });
-        (
-            tensor(out, shape),
-            tensor(mean, Shape::new([c])),
-            tensor(variance, Shape::new([c])),
-        )
+        out
     }
 
     /// Both backward passes: `relu_output` is the forward's output when a ReLU was fused in.
@@ -587,6 +657,27 @@ mod autodiff {
                 OpsKind::UnTracked(prep) => prep.finish(output),
             };
             (output, Self::from_inner(mean), Self::from_inner(variance))
+        }
+
+        /// Not differentiated: computed on the inner backend, outside the graph.
+        fn fused_batch_norm_apply(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            epsilon: f64,
+            relu: bool,
+        ) -> FloatTensor<Self> {
+            Self::from_inner(B::fused_batch_norm_apply(
+                Self::inner(x),
+                Self::inner(gamma),
+                Self::inner(beta),
+                Self::inner(mean),
+                Self::inner(variance),
+                epsilon,
+                relu,
+            ))
         }
 
         /// Not differentiated again: computed on the inner backend, outside the graph.

@@ -82,7 +82,7 @@ pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// The options `conv` takes our path with, and whether in bf16; `None` where it does not.
-fn gemm_path(conv: &Conv2d, x: &Tensor<4>) -> Option<(ConvOptions<2>, bool)> {
+pub(super) fn gemm_path(conv: &Conv2d, x: &Tensor<4>) -> Option<(ConvOptions<2>, bool)> {
     let options = precision::conv_options(conv)?;
     let bf16 = match precision::compute_dtype() {
         None => false,
@@ -835,7 +835,7 @@ mod flex {
     }
 }
 
-mod autodiff {
+pub(super) mod autodiff {
     use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::ops::ConvOptions;
     use burn::backend::tensor::FloatTensor;
@@ -862,45 +862,59 @@ mod autodiff {
             let grad = grads.consume::<B>(&ops.node);
             let (x, weight, options, bf16) = ops.state;
             if let Some(node) = node_weight {
-                let weight_grad = if on_gemm(&options) {
-                    let shape = weight.shape();
-                    B::gemm_conv2d_weight_grad(
-                        x.clone(),
-                        grad.clone(),
-                        [shape[2], shape[3]],
-                        options.clone(),
-                        bf16,
-                    )
-                } else {
-                    B::conv2d_weight_backward(
-                        x.clone(),
-                        weight.clone(),
-                        grad.clone(),
-                        options.clone(),
-                    )
-                };
+                let weight_grad =
+                    weight_gradient::<B>(x.clone(), &weight, grad.clone(), &options, bf16);
                 grads.register::<B>(node.id, weight_grad);
             }
             if let Some(node) = node_x {
-                let shape = weight.shape();
-                let kernel = [shape[2], shape[3]];
-                let x_grad = if input_grad_is_a_convolution(&options, kernel) {
-                    // The kernel flipped in space, in/out channels swapped, padded k - 1 - p.
-                    let flipped = B::float_swap_dims(B::float_flip(weight, &[2, 3]), 0, 1);
-                    let padding = [
-                        kernel[0] - 1 - options.padding_begin()[0],
-                        kernel[1] - 1 - options.padding_begin()[1],
-                    ];
-                    let options = ConvOptions::new([1, 1], padding, [1, 1], 1);
-                    B::gemm_conv2d(grad, flipped, options, bf16)
-                } else if on_gemm(&options) {
-                    let input = x.shape().dims::<4>();
-                    B::gemm_conv2d_input_grad(grad, weight, input, options, bf16)
-                } else {
-                    B::conv2d_x_backward(x, weight, grad, options)
-                };
+                let x_grad = input_gradient::<B>(x, weight, grad, options, bf16);
                 grads.register::<B>(node.id, x_grad);
             }
+        }
+    }
+
+    /// The weight gradient of a convolution of `x` with `weight` given its output's gradient:
+    /// on our GEMM where [`on_gemm`] allows, burn's otherwise.
+    pub(in crate::model::fused) fn weight_gradient<B: Backend + GemmConvOps>(
+        x: FloatTensor<B>,
+        weight: &FloatTensor<B>,
+        grad: FloatTensor<B>,
+        options: &ConvOptions<2>,
+        bf16: bool,
+    ) -> FloatTensor<B> {
+        if on_gemm(options) {
+            let shape = weight.shape();
+            B::gemm_conv2d_weight_grad(x, grad, [shape[2], shape[3]], options.clone(), bf16)
+        } else {
+            B::conv2d_weight_backward(x, weight.clone(), grad, options.clone())
+        }
+    }
+
+    /// The input gradient of the same: a stride-1 convolution where it is one, our col2im
+    /// where [`on_gemm`] allows, burn's otherwise. `x` is read for its shape only.
+    pub(in crate::model::fused) fn input_gradient<B: Backend + GemmConvOps>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        options: ConvOptions<2>,
+        bf16: bool,
+    ) -> FloatTensor<B> {
+        let shape = weight.shape();
+        let kernel = [shape[2], shape[3]];
+        if input_grad_is_a_convolution(&options, kernel) {
+            // The kernel flipped in space, in/out channels swapped, padded k - 1 - p.
+            let flipped = B::float_swap_dims(B::float_flip(weight, &[2, 3]), 0, 1);
+            let padding = [
+                kernel[0] - 1 - options.padding_begin()[0],
+                kernel[1] - 1 - options.padding_begin()[1],
+            ];
+            let options = ConvOptions::new([1, 1], padding, [1, 1], 1);
+            B::gemm_conv2d(grad, flipped, options, bf16)
+        } else if on_gemm(&options) {
+            let input = x.shape().dims::<4>();
+            B::gemm_conv2d_input_grad(grad, weight, input, options, bf16)
+        } else {
+            B::conv2d_x_backward(x, weight, grad, options)
         }
     }
 

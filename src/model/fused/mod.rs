@@ -9,6 +9,7 @@
 pub mod amx;
 pub mod batch_norm;
 pub mod conv;
+pub mod norm_conv;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
