@@ -42,19 +42,6 @@ pub trait FusedBatchNormOps: burn::backend::Backend {
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The output of [`fused_batch_norm_train`](FusedBatchNormOps::fused_batch_norm_train)
-    /// again, from its input and the statistics it returned (bit for bit the same values): for
-    /// a backward that keeps the input but not the output.
-    fn fused_batch_norm_apply(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        beta: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        variance: FloatTensor<Self>,
-        epsilon: f64,
-        relu: bool,
-    ) -> FloatTensor<Self>;
-
     /// `(input, gamma, beta)` gradients given the output gradient.
     fn fused_batch_norm_train_backward(
         x: FloatTensor<Self>,
@@ -190,7 +177,7 @@ pub(super) fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
         && super::is_flex(&device)
 }
 
-mod flex {
+pub(super) mod flex {
     use super::super::{contiguous_f32, tensor};
     use super::FusedBatchNormOps;
     use burn::backend::Flex;
@@ -199,7 +186,7 @@ mod flex {
     use rayon::prelude::*;
 
     /// `(batch, channels, spatial)` of an input of rank >= 2.
-    fn dims(shape: &Shape) -> (usize, usize, usize) {
+    pub(in crate::model::fused) fn dims(shape: &Shape) -> (usize, usize, usize) {
         let (n, c) = (shape[0], shape[1]);
         (n, c, shape.num_elements() / (n * c).max(1))
     }
@@ -217,25 +204,143 @@ mod flex {
         acc.iter().sum::<f32>() + tail
     }
 
-    /// The backward's two sums over one run, `(sum(g), sum((x - mean) g))`, where `g` is the
-    /// output gradient, zeroed where the output is zero or negative when `relu_output` is
-    /// given (kept where it is NaN, as burn's `relu_backward` does);
+    /// Where a fused norm's ReLU lets the gradient through: nowhere masked (no ReLU), where the
+    /// kept output is positive, or where the output computed again from the input would be.
+    pub(in crate::model::fused) enum Relu<'a> {
+        None,
+        Output(&'a [f32]),
+        Input(&'a ChannelNorm),
+    }
+
+    /// What a fused norm does to the values of each channel: `(v - mean) * scale + beta`,
+    /// `scale = gamma / sqrt(variance + epsilon)`, then the ReLU when `relu` (zero where not
+    /// positive, NaN kept, as burn's ReLU does, so that a blow-up still shows). Forward,
+    /// backward and a convolution that normalises its input ([`super::super::norm_conv`]) all
+    /// compute it here, so that they agree to the bit.
+    pub(in crate::model::fused) struct ChannelNorm {
+        mean: Vec<f32>,
+        scale: Vec<f32>,
+        beta: Vec<f32>,
+        relu: bool,
+    }
+
+    impl ChannelNorm {
+        pub(in crate::model::fused) fn new(
+            [mean, variance]: [&[f32]; 2],
+            [gamma, beta]: [&[f32]; 2],
+            epsilon: f64,
+            relu: bool,
+        ) -> Self {
+            let scale = gamma
+                .iter()
+                .zip(variance)
+                .map(|(&g, &v)| g / (v as f64 + epsilon).sqrt() as f32)
+                .collect();
+            ChannelNorm {
+                mean: mean.to_vec(),
+                scale,
+                beta: beta.to_vec(),
+                relu,
+            }
+        }
+
+        /// From the tensors of a fused op's arguments.
+        pub(in crate::model::fused) fn of(
+            [mean, variance, gamma, beta]: [&FloatTensor<Flex>; 4],
+            epsilon: f64,
+            relu: bool,
+        ) -> Self {
+            let [mean, variance, gamma, beta] = [mean, variance, gamma, beta].map(contiguous_f32);
+            Self::new([&mean, &variance], [&gamma, &beta], epsilon, relu)
+        }
+
+        /// The function of channel `ch`'s values, with `residual` added before the ReLU.
+        #[inline(always)]
+        pub(in crate::model::fused) fn channel(&self, ch: usize) -> impl Fn(f32, f32) -> f32 {
+            let (m, k, b, relu) = (self.mean[ch], self.scale[ch], self.beta[ch], self.relu);
+            move |v, residual| {
+                let y = (v - m) * k + b + residual;
+                if relu && y <= 0.0 { 0.0 } else { y }
+            }
+        }
+
+        /// Whether the ReLU of channel `ch` lets the gradient through at input value `v`: where
+        /// the normalised value is positive or NaN (as burn's `relu_backward` decides from the
+        /// output). Without the clamp of [`Self::channel`], so that the masked sums vectorise.
+        #[inline(always)]
+        fn passes(&self, ch: usize) -> impl Fn(f32) -> bool {
+            let (m, k, b) = (self.mean[ch], self.scale[ch], self.beta[ch]);
+            move |v| !((v - m) * k + b <= 0.0)
+        }
+
+        /// The norm of an NCHW tensor.
+        pub(in crate::model::fused) fn apply_to(&self, x: &FloatTensor<Flex>) -> FloatTensor<Flex> {
+            let shape = x.layout().shape().clone();
+            tensor(self.apply(&contiguous_f32(x), dims(&shape), None), shape)
+        }
+
+        /// The norm of an NCHW buffer of `(n, c, s)`, `residual` added before the ReLU.
+        fn apply(
+            &self,
+            xs: &[f32],
+            (_, c, s): (usize, usize, usize),
+            residual: Option<&[f32]>,
+        ) -> Vec<f32> {
+            let mut out = vec![0f32; xs.len()];
+            out.par_chunks_mut(s)
+                .zip(xs.par_chunks(s))
+                .enumerate()
+                .for_each(|(i, (o, run))| {
+                    let f = self.channel(i % c);
+                    match residual {
+                        None => {
+                            for (o, &v) in o.iter_mut().zip(run) {
+                                *o = f(v, 0.0);
+                            }
+                        }
+                        Some(residual) => {
+                            let residual = &residual[i * s..][..s];
+                            for ((o, &v), &r) in o.iter_mut().zip(run).zip(residual) {
+                                *o = f(v, r);
+                            }
+                        }
+                    }
+                });
+            out
+        }
+    }
+
+    /// The backward's two sums over run `at..at + dy.len()` of channel `ch`, `(sum(g),
+    /// sum((x - mean) g))`, where `g` is the output gradient where `relu` lets it through;
     /// eight accumulators each, so the compiler can vectorise them.
-    fn gradient_sums(xs: &[f32], dy: &[f32], relu_output: Option<&[f32]>, mean: f32) -> [f32; 2] {
+    fn gradient_sums(
+        xs: &[f32],
+        dy: &[f32],
+        relu: &Relu,
+        [ch, at]: [usize; 2],
+        mean: f32,
+    ) -> [f32; 2] {
         let (mut sum, mut centred) = ([0f32; 8], [0f32; 8]);
         let mut add = |lane: usize, x: f32, g: f32| {
             sum[lane] += g;
             centred[lane] += (x - mean) * g;
         };
-        match relu_output {
-            None => {
+        match relu {
+            Relu::None => {
                 for (i, (&x, &g)) in xs.iter().zip(dy).enumerate() {
                     add(i % 8, x, g);
                 }
             }
-            Some(ys) => {
+            Relu::Output(ys) => {
+                let ys = &ys[at..][..dy.len()];
                 for (i, ((&x, &g), &y)) in xs.iter().zip(dy).zip(ys).enumerate() {
                     add(i % 8, x, if y <= 0.0 { 0.0 } else { g });
+                }
+            }
+            Relu::Input(norm) => {
+                let passes = norm.passes(ch);
+                for (i, (&x, &g)) in xs.iter().zip(dy).enumerate() {
+                    add(i % 8, x, if passes(x) { g } else { 0.0 });
                 }
             }
         }
@@ -283,29 +388,6 @@ mod flex {
             forward(x, gamma, beta, epsilon, true, Some(residual))
         }
 
-        fn fused_batch_norm_apply(
-            x: FloatTensor<Self>,
-            gamma: FloatTensor<Self>,
-            beta: FloatTensor<Self>,
-            mean: FloatTensor<Self>,
-            variance: FloatTensor<Self>,
-            epsilon: f64,
-            relu: bool,
-        ) -> FloatTensor<Self> {
-            let shape = x.layout().shape().clone();
-            let (mean, variance) = (contiguous_f32(&mean), contiguous_f32(&variance));
-            let out = apply(
-                &contiguous_f32(&x),
-                dims(&shape),
-                [&mean, &variance],
-                [&contiguous_f32(&gamma), &contiguous_f32(&beta)],
-                epsilon,
-                relu,
-                None,
-            );
-            tensor(out, shape)
-        }
-
         fn fused_batch_norm_train_backward(
             x: FloatTensor<Self>,
             gamma: FloatTensor<Self>,
@@ -314,7 +396,17 @@ mod flex {
             epsilon: f64,
             output_grad: FloatTensor<Self>,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            backward(x, gamma, mean, variance, epsilon, output_grad, None)
+            let xs = contiguous_f32(&x);
+            backward(
+                &xs,
+                shape_of(&x),
+                gamma,
+                mean,
+                variance,
+                epsilon,
+                output_grad,
+                Relu::None,
+            )
         }
 
         fn fused_batch_norm_relu_train_backward(
@@ -326,11 +418,26 @@ mod flex {
             output_grad: FloatTensor<Self>,
             output: FloatTensor<Self>,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            backward(x, gamma, mean, variance, epsilon, output_grad, Some(output))
+            let (xs, ys) = (contiguous_f32(&x), contiguous_f32(&output));
+            let relu = Relu::Output(&ys);
+            backward(
+                &xs,
+                shape_of(&x),
+                gamma,
+                mean,
+                variance,
+                epsilon,
+                output_grad,
+                relu,
+            )
         }
     }
 
-    /// Both forward passes: the batch statistics, then [`apply`].
+    fn shape_of(x: &FloatTensor<Flex>) -> Shape {
+        x.layout().shape().clone()
+    }
+
+    /// Both forward passes: the batch statistics, then the norm.
     fn forward(
         x: FloatTensor<Flex>,
         gamma: FloatTensor<Flex>,
@@ -339,34 +446,14 @@ mod flex {
         relu: bool,
         residual: Option<FloatTensor<Flex>>,
     ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
-        let shape = x.layout().shape().clone();
-        let (n, c, s) = dims(&shape);
-        let count = (n * s) as f64;
+        let shape = shape_of(&x);
         let xs = contiguous_f32(&x);
+        let [mean, variance] = statistics(&xs, dims(&shape));
         let (gamma, beta) = (contiguous_f32(&gamma), contiguous_f32(&beta));
+        let norm = ChannelNorm::new([&mean, &variance], [&gamma, &beta], epsilon, relu);
         let residual = residual.as_ref().map(contiguous_f32);
-        let residual = residual.as_deref();
-        let mean: Vec<f32> = per_channel((n, c, s), |_, at| [sum_of(&xs[at..at + s], |v| v)])
-            .into_iter()
-            .map(|[total]| (total / count) as f32)
-            .collect();
-        // Two passes (mean first): the variance without the cancellation of E[x^2] - E[x]^2.
-        let variance: Vec<f32> = per_channel((n, c, s), |ch, at| {
-            let m = mean[ch];
-            [sum_of(&xs[at..at + s], |v| (v - m) * (v - m))]
-        })
-        .into_iter()
-        .map(|[total]| (total / count) as f32)
-        .collect();
-        let out = apply(
-            &xs,
-            (n, c, s),
-            [&mean, &variance],
-            [&gamma, &beta],
-            epsilon,
-            relu,
-            residual,
-        );
+        let out = norm.apply(&xs, dims(&shape), residual.as_deref());
+        let c = mean.len();
         (
             tensor(out, shape),
             tensor(mean, Shape::new([c])),
@@ -374,63 +461,42 @@ mod flex {
         )
     }
 
-    /// The forward's output from its statistics: the norm, then `residual` added, then the
-    /// ReLU when `relu`.
-    fn apply(
+    /// Per channel, the mean and biased variance of an NCHW buffer of `(n, c, s)`: two passes
+    /// (mean first), the variance without the cancellation of E[x^2] - E[x]^2.
+    pub(in crate::model::fused) fn statistics(
         xs: &[f32],
         (n, c, s): (usize, usize, usize),
-        [mean, variance]: [&[f32]; 2],
-        [gamma, beta]: [&[f32]; 2],
-        epsilon: f64,
-        relu: bool,
-        residual: Option<&[f32]>,
-    ) -> Vec<f32> {
-        let scale: Vec<f32> = (0..c)
-            .map(|ch| gamma[ch] / (variance[ch] as f64 + epsilon).sqrt() as f32)
+    ) -> [Vec<f32>; 2] {
+        let count = (n * s) as f64;
+        let mean: Vec<f32> = per_channel((n, c, s), |_, at| [sum_of(&xs[at..at + s], |v| v)])
+            .into_iter()
+            .map(|[total]| (total / count) as f32)
             .collect();
-        let mut out = vec![0f32; n * c * s];
-        out.par_chunks_mut(s)
-            .zip(xs.par_chunks(s))
-            .enumerate()
-            .for_each(|(i, (o, run))| {
-                let ch = i % c;
-                let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
-                // As burn's ReLU: zero where not positive, NaN kept (so a blow-up still shows).
-                let activate = |y: f32| if relu && y <= 0.0 { 0.0 } else { y };
-                match residual {
-                    None => {
-                        for (o, &v) in o.iter_mut().zip(run) {
-                            *o = activate((v - m) * k + b);
-                        }
-                    }
-                    Some(residual) => {
-                        let residual = &residual[i * s..][..s];
-                        for ((o, &v), &r) in o.iter_mut().zip(run).zip(residual) {
-                            *o = activate((v - m) * k + b + r);
-                        }
-                    }
-                }
-            });
-        out
+        let variance: Vec<f32> = per_channel((n, c, s), |ch, at| {
+            let m = mean[ch];
+            [sum_of(&xs[at..at + s], |v| (v - m) * (v - m))]
+        })
+        .into_iter()
+        .map(|[total]| (total / count) as f32)
+        .collect();
+        [mean, variance]
     }
 
-    /// Both backward passes: `relu_output` is the forward's output when a ReLU was fused in.
-    fn backward(
-        x: FloatTensor<Flex>,
+    /// Both backward passes over the input `xs` of `shape`, the gradient masked as `relu` says.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::model::fused) fn backward(
+        xs: &[f32],
+        shape: Shape,
         gamma: FloatTensor<Flex>,
         mean: FloatTensor<Flex>,
         variance: FloatTensor<Flex>,
         epsilon: f64,
         output_grad: FloatTensor<Flex>,
-        relu_output: Option<FloatTensor<Flex>>,
+        relu: Relu,
     ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
-        let shape = x.layout().shape().clone();
         let (n, c, s) = dims(&shape);
         let count = (n * s) as f32;
-        let xs = contiguous_f32(&x);
         let dy = contiguous_f32(&output_grad);
-        let ys = relu_output.as_ref().map(contiguous_f32);
-        let ys = ys.as_deref();
         let (gamma, mean, variance) = (
             contiguous_f32(&gamma),
             contiguous_f32(&mean),
@@ -443,8 +509,7 @@ mod flex {
         // One pass for both sums (`g` is `dy`, masked by the ReLU when there is one).
         let (sum_dy, sum_dy_centred): (Vec<f32>, Vec<f32>) = per_channel((n, c, s), |ch, at| {
             let run = at..at + s;
-            let ys = ys.map(|ys| &ys[run.clone()]);
-            gradient_sums(&xs[run.clone()], &dy[run], ys, mean[ch])
+            gradient_sums(&xs[run.clone()], &dy[run], &relu, [ch, at], mean[ch])
         })
         .into_iter()
         .map(|[sum, centred]| (sum as f32, centred as f32))
@@ -465,16 +530,23 @@ mod flex {
                 let ch = i % c;
                 let (a, b, k) = coefficients[ch];
                 let m = mean[ch];
-                match ys {
-                    None => {
+                match &relu {
+                    Relu::None => {
                         for ((o, &v), &g) in out.iter_mut().zip(run).zip(grads) {
                             *o = a * g - b * (v - m) - k;
                         }
                     }
-                    Some(ys) => {
+                    Relu::Output(ys) => {
                         let ys = &ys[i * s..][..s];
                         for (((o, &v), &g), &y) in out.iter_mut().zip(run).zip(grads).zip(ys) {
                             let g = if y <= 0.0 { 0.0 } else { g };
+                            *o = a * g - b * (v - m) - k;
+                        }
+                    }
+                    Relu::Input(norm) => {
+                        let passes = norm.passes(ch);
+                        for ((o, &v), &g) in out.iter_mut().zip(run).zip(grads) {
+                            let g = if passes(v) { g } else { 0.0 };
                             *o = a * g - b * (v - m) - k;
                         }
                     }
@@ -657,27 +729,6 @@ mod autodiff {
                 OpsKind::UnTracked(prep) => prep.finish(output),
             };
             (output, Self::from_inner(mean), Self::from_inner(variance))
-        }
-
-        /// Not differentiated: computed on the inner backend, outside the graph.
-        fn fused_batch_norm_apply(
-            x: FloatTensor<Self>,
-            gamma: FloatTensor<Self>,
-            beta: FloatTensor<Self>,
-            mean: FloatTensor<Self>,
-            variance: FloatTensor<Self>,
-            epsilon: f64,
-            relu: bool,
-        ) -> FloatTensor<Self> {
-            Self::from_inner(B::fused_batch_norm_apply(
-                Self::inner(x),
-                Self::inner(gamma),
-                Self::inner(beta),
-                Self::inner(mean),
-                Self::inner(variance),
-                epsilon,
-                relu,
-            ))
         }
 
         /// Not differentiated again: computed on the inner backend, outside the graph.

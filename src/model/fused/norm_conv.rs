@@ -20,8 +20,12 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
+use super::batch_norm::flex::{self as bn_flex, ChannelNorm};
 use super::batch_norm::{self, FusedBatchNormOps};
+use super::conv::flex as conv_flex;
 use super::conv::{self, GemmConvOps};
+use super::{contiguous_f32, tensor};
+use burn::tensor::Shape;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait NormReluConvOps: burn::backend::Backend {
@@ -37,6 +41,27 @@ pub trait NormReluConvOps: burn::backend::Backend {
         options: ConvOptions<2>,
         bf16: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(input, gamma, beta, weight)` gradients of
+    /// [`norm_relu_conv_train`](NormReluConvOps::norm_relu_conv_train) given its output's.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_relu_conv_train_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        epsilon: f64,
+        options: ConvOptions<2>,
+        bf16: bool,
+        output_grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 
     /// `(relu(bn(conv(x, weight))), mean, biased variance)` with the batch statistics of the
     /// convolution's output.
@@ -97,7 +122,8 @@ pub fn conv_norm_relu(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> 
 }
 
 impl NormReluConvOps for burn::backend::Flex {
-    /// The norm's output lives only until the convolution has read it.
+    /// The statistics, then the convolution normalising its input as it copies it for its
+    /// im2col: the norm's output is never written out.
     fn norm_relu_conv_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -107,9 +133,74 @@ impl NormReluConvOps for burn::backend::Flex {
         options: ConvOptions<2>,
         bf16: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (normed, mean, variance) = Self::fused_batch_norm_train(x, gamma, beta, epsilon, true);
-        let output = Self::gemm_conv2d(normed, weight, options, bf16);
+        let shape = x.layout().shape().clone();
+        let [mean, variance] = bn_flex::statistics(&contiguous_f32(&x), bn_flex::dims(&shape));
+        let (mean, variance) = (
+            tensor(mean, Shape::new([shape[1]])),
+            tensor(variance, Shape::new([shape[1]])),
+        );
+        let norm = ChannelNorm::of([&mean, &variance, &gamma, &beta], epsilon, true);
+        let output = conv_flex::convolve(x, weight, options, bf16, Some(&norm));
         (output, mean, variance)
+    }
+
+    /// The weight gradient normalises the input as the forward did; the norm's backward
+    /// computes its ReLU mask from the input.
+    fn norm_relu_conv_train_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        epsilon: f64,
+        options: ConvOptions<2>,
+        bf16: bool,
+        output_grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let norm = ChannelNorm::of([&mean, &variance, &gamma, &beta], epsilon, true);
+        let shape = x.layout().shape().clone();
+        let kernel = [weight.layout().shape()[2], weight.layout().shape()[3]];
+        let weight_grad = if conv::on_gemm(&options) {
+            conv_flex::weight_grad(
+                x.clone(),
+                output_grad.clone(),
+                kernel,
+                &options,
+                bf16,
+                Some(&norm),
+            )
+        } else {
+            let normed = norm.apply_to(&x);
+            conv::autodiff::weight_gradient::<Self>(
+                normed,
+                &weight,
+                output_grad.clone(),
+                &options,
+                bf16,
+            )
+        };
+        // The input gradient reads `x` for its shape only.
+        let normed_grad =
+            conv::autodiff::input_gradient::<Self>(x.clone(), weight, output_grad, options, bf16);
+        let xs = contiguous_f32(&x);
+        let relu = bn_flex::Relu::Input(&norm);
+        let (x_grad, gamma_grad, beta_grad) = bn_flex::backward(
+            &xs,
+            shape,
+            gamma,
+            mean,
+            variance,
+            epsilon,
+            normed_grad,
+            relu,
+        );
+        (x_grad, gamma_grad, beta_grad, weight_grad)
     }
 
     /// The convolution's output lives only until the norm has read it.
@@ -157,7 +248,7 @@ mod autodiff {
         bf16: bool,
     }
 
-    impl<B: Backend + FusedBatchNormOps + GemmConvOps> Backward<B, 4> for NormReluConvTrain {
+    impl<B: Backend + NormReluConvOps> Backward<B, 4> for NormReluConvTrain {
         type State = NormFirst<B>;
 
         fn backward(
@@ -179,37 +270,14 @@ mod autodiff {
                 options,
                 bf16,
             } = ops.state;
-            let normed = B::fused_batch_norm_apply(
-                x.clone(),
-                gamma.clone(),
-                beta,
-                mean.clone(),
-                variance.clone(),
-                epsilon,
-                true,
-            );
-            if let Some(node) = node_weight {
-                let weight_grad =
-                    weight_gradient::<B>(normed.clone(), &weight, grad.clone(), &options, bf16);
-                grads.register::<B>(node.id, weight_grad);
-            }
-            if node_x.is_none() && node_gamma.is_none() && node_beta.is_none() {
-                return;
-            }
-            let normed_grad = input_gradient::<B>(normed.clone(), weight, grad, options, bf16);
-            let (x_grad, gamma_grad, beta_grad) = B::fused_batch_norm_relu_train_backward(
-                x,
-                gamma,
-                mean,
-                variance,
-                epsilon,
-                normed_grad,
-                normed,
+            let (x_grad, gamma_grad, beta_grad, weight_grad) = B::norm_relu_conv_train_backward(
+                x, gamma, beta, mean, variance, weight, epsilon, options, bf16, grad,
             );
             for (node, value) in [
                 (node_x, x_grad),
                 (node_gamma, gamma_grad),
                 (node_beta, beta_grad),
+                (node_weight, weight_grad),
             ] {
                 if let Some(node) = node {
                     grads.register::<B>(node.id, value);
@@ -338,6 +406,44 @@ mod autodiff {
             (output, Self::from_inner(mean), Self::from_inner(variance))
         }
 
+        /// Not differentiated again: computed on the inner backend, outside the graph.
+        fn norm_relu_conv_train_backward(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            epsilon: f64,
+            options: ConvOptions<2>,
+            bf16: bool,
+            output_grad: FloatTensor<Self>,
+        ) -> (
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+        ) {
+            let (x_grad, gamma_grad, beta_grad, weight_grad) = B::norm_relu_conv_train_backward(
+                Self::inner(x),
+                Self::inner(gamma),
+                Self::inner(beta),
+                Self::inner(mean),
+                Self::inner(variance),
+                Self::inner(weight),
+                epsilon,
+                options,
+                bf16,
+                Self::inner(output_grad),
+            );
+            (
+                Self::from_inner(x_grad),
+                Self::from_inner(gamma_grad),
+                Self::from_inner(beta_grad),
+                Self::from_inner(weight_grad),
+            )
+        }
+
         fn conv_norm_relu_train(
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
@@ -418,15 +524,18 @@ mod tests {
             vec![Precision::F32]
         };
         // A 3x3 stride-1 convolution (its input gradient a convolution), a strided one
-        // (col2im), and a stem on three channels.
-        for (pair, cin, cout, stride) in [
-            (Pair::NormReluConv, 6, 8, 1),
-            (Pair::NormReluConv, 6, 8, 2),
-            (Pair::ConvNormRelu, 3, 6, 1),
+        // (col2im), a 1x1 one (an unpadded input, normalised all the same), and a stem on
+        // three channels.
+        for (pair, cin, cout, kernel, stride) in [
+            (Pair::NormReluConv, 6, 8, 3, 1),
+            (Pair::NormReluConv, 6, 8, 3, 2),
+            (Pair::NormReluConv, 6, 8, 1, 1),
+            (Pair::ConvNormRelu, 3, 6, 3, 1),
         ] {
-            let conv = Conv2dConfig::new([cin, cout], [3, 3])
+            let pad = kernel / 2;
+            let conv = Conv2dConfig::new([cin, cout], [kernel, kernel])
                 .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
                 .with_bias(false)
                 .init(&device);
             let channels = match pair {
@@ -436,7 +545,7 @@ mod tests {
             let gamma = Tensor::<1>::random([channels], Distribution::Uniform(0.5, 1.5), &device);
             let beta = Tensor::<1>::random([channels], Distribution::Uniform(-0.5, 0.5), &device);
             let x = Tensor::<4>::random([4, cin, 7, 7], Distribution::Normal(0.5, 1.5), &device);
-            let side = (7 - 1) / stride + 1;
+            let side = (7 + 2 * pad - kernel) / stride + 1;
             let weights =
                 Tensor::<4>::random([4, cout, side, side], Distribution::Default, &device);
             for &precision in &precisions {
