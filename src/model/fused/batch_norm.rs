@@ -178,7 +178,7 @@ pub(super) fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
 }
 
 pub(super) mod flex {
-    use super::super::{contiguous_f32, tensor};
+    use super::super::{contiguous_f32, tensor, wide};
     use super::FusedBatchNormOps;
     use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
@@ -192,6 +192,7 @@ pub(super) mod flex {
     }
 
     /// `sum(f(values[i]))` with eight independent accumulators, so the compiler can vectorise it.
+    #[inline(always)]
     fn sum_of(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         let mut acc = [0f32; 8];
         let chunks = values.chunks_exact(8);
@@ -270,7 +271,10 @@ pub(super) mod flex {
         #[inline(always)]
         fn passes(&self, ch: usize) -> impl Fn(f32) -> bool {
             let (m, k, b) = (self.mean[ch], self.scale[ch], self.beta[ch]);
-            move |v| !((v - m) * k + b <= 0.0)
+            move |v| {
+                let y = (v - m) * k + b;
+                y > 0.0 || y.is_nan()
+            }
         }
 
         /// The norm of an NCHW tensor.
@@ -313,6 +317,7 @@ pub(super) mod flex {
     /// The backward's two sums over run `at..at + dy.len()` of channel `ch`, `(sum(g),
     /// sum((x - mean) g))`, where `g` is the output gradient where `relu` lets it through;
     /// eight accumulators each, so the compiler can vectorise them.
+    #[inline(always)]
     fn gradient_sums(
         xs: &[f32],
         dy: &[f32],
@@ -358,7 +363,7 @@ pub(super) mod flex {
             .map(|ch| {
                 let mut total = [0f64; K];
                 for b in 0..n {
-                    for (t, v) in total.iter_mut().zip(f(ch, (b * c + ch) * s)) {
+                    for (t, v) in total.iter_mut().zip(wide(|| f(ch, (b * c + ch) * s))) {
                         *t += v as f64;
                     }
                 }
