@@ -80,43 +80,65 @@ pub trait NormReluConvOps: burn::backend::Backend {
 /// `conv(relu(bn(x)))`: one operation where both would take their fused paths (training on
 /// flex), the two in a row otherwise. `bn`'s running statistics are updated either way.
 pub fn norm_relu_conv(bn: &BatchNorm, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
-    let gemm = conv::gemm_path(conv, &x);
-    let Some((options, bf16)) = gemm.filter(|_| batch_norm::takes_fused_path(bn, &x)) else {
-        return conv::forward(conv, batch_norm::forward_relu(bn, x));
-    };
-    let device = x.device();
-    let (output, mean, variance) =
-        <burn::backend::Dispatch as NormReluConvOps>::norm_relu_conv_train(
-            x.into_dispatch(),
-            bn.gamma.val().into_dispatch(),
-            bn.beta.val().into_dispatch(),
-            conv.weight.val().into_dispatch(),
-            bn.epsilon,
-            options,
-            bf16,
-        );
-    batch_norm::record_batch_statistics(bn, mean, variance, &device);
-    Tensor::from_dispatch(output)
+    let apart = |x| conv::forward(conv, batch_norm::forward_relu(bn, x));
+    one_operation(
+        bn,
+        conv,
+        x,
+        apart,
+        |[x, gamma, beta, weight], epsilon, options, bf16| {
+            Dispatch::norm_relu_conv_train(x, gamma, beta, weight, epsilon, options, bf16)
+        },
+    )
 }
 
 /// `relu(bn(conv(x)))`, for a convolution on few channels whose input is kept anyway: one
 /// operation where both would take their fused paths, the two in a row otherwise.
 pub fn conv_norm_relu(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let apart = |x| batch_norm::forward_relu(bn, conv::forward(conv, x));
+    one_operation(
+        bn,
+        conv,
+        x,
+        apart,
+        |[x, gamma, beta, weight], epsilon, options, bf16| {
+            Dispatch::conv_norm_relu_train(x, weight, gamma, beta, epsilon, options, bf16)
+        },
+    )
+}
+
+type Dispatch = burn::backend::Dispatch;
+
+/// `fused` on `[x, gamma, beta, weight]` where both layers take their fused paths, its batch
+/// statistics recorded in `bn`; `apart` on `x` otherwise.
+fn one_operation(
+    bn: &BatchNorm,
+    conv: &Conv2d,
+    x: Tensor<4>,
+    apart: impl FnOnce(Tensor<4>) -> Tensor<4>,
+    fused: impl FnOnce(
+        [FloatTensor<Dispatch>; 4],
+        f64,
+        ConvOptions<2>,
+        bool,
+    ) -> (
+        FloatTensor<Dispatch>,
+        FloatTensor<Dispatch>,
+        FloatTensor<Dispatch>,
+    ),
+) -> Tensor<4> {
     let gemm = conv::gemm_path(conv, &x);
     let Some((options, bf16)) = gemm.filter(|_| batch_norm::takes_fused_path(bn, &x)) else {
-        return batch_norm::forward_relu(bn, conv::forward(conv, x));
+        return apart(x);
     };
     let device = x.device();
-    let (output, mean, variance) =
-        <burn::backend::Dispatch as NormReluConvOps>::conv_norm_relu_train(
-            x.into_dispatch(),
-            conv.weight.val().into_dispatch(),
-            bn.gamma.val().into_dispatch(),
-            bn.beta.val().into_dispatch(),
-            bn.epsilon,
-            options,
-            bf16,
-        );
+    let tensors = [
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        conv.weight.val().into_dispatch(),
+    ];
+    let (output, mean, variance) = fused(tensors, bn.epsilon, options, bf16);
     batch_norm::record_batch_statistics(bn, mean, variance, &device);
     Tensor::from_dispatch(output)
 }
