@@ -270,15 +270,19 @@ pub fn pack_b_rows<'a>(
     packing.finish()
 }
 
-/// Packs `B[d][j] = src[j * col_stride + d]` (`k x n`, depth contiguous) into `buffer`.
-pub fn pack_b_cols<'a>(
+/// Packs a `k x n` B given by columns into `buffer`: column `j`'s depth values are the runs
+/// `column_run(j, 0), column_run(j, 1), ...` of `run` values each (the last one may be
+/// longer than what is left of `k`), as a weight gradient reads `dy` sample by sample.
+pub fn pack_b_cols<'a, 's>(
     buffer: &'a mut Vec<u16>,
-    src: &[f32],
-    col_stride: usize,
     [k, n]: [usize; 2],
+    run: usize,
+    column_run: impl Fn(usize, usize) -> &'s [f32],
 ) -> PackedB<'a> {
     let blocks = Blocks::new(n, k);
     let tiles = tiles_of(buffer, blocks.tiles() * TILE);
+    // A depth block's values where they span two runs or more.
+    let mut gathered = [0f32; DEPTH];
     for o in 0..blocks.outer {
         for d in 0..blocks.depth {
             let (d0, len) = (d * DEPTH, DEPTH.min(k - d * DEPTH));
@@ -287,10 +291,20 @@ pub fn pack_b_cols<'a>(
             let mut column = [0u16; DEPTH];
             for j in 0..ROWS {
                 let jj = o * ROWS + j;
-                let values = if jj < n {
-                    &src[jj * col_stride + d0..][..len]
+                let values = if jj >= n {
+                    &[][..]
+                } else if d0 % run + len <= run {
+                    &column_run(jj, d0 / run)[d0 % run..][..len]
                 } else {
-                    &[]
+                    let mut filled = 0;
+                    while filled < len {
+                        let at = d0 + filled;
+                        let take = (run - at % run).min(len - filled);
+                        gathered[filled..filled + take]
+                            .copy_from_slice(&column_run(jj, at / run)[at % run..][..take]);
+                        filled += take;
+                    }
+                    &gathered[..len]
                 };
                 convert(values, &mut column);
                 for (p, pair) in column.chunks_exact(2).enumerate() {
@@ -707,7 +721,19 @@ mod tests {
                     transposed[j * (k + 1) + d] = b_src[d * (n + 2) + j];
                 }
             }
-            let b = pack_b_cols(&mut buffer, &transposed, k + 1, [k, n]);
+            // Also in runs of 7, which split depth blocks of 32.
+            let b = pack_b_cols(&mut buffer, [k, n], 7, |j, r| {
+                &transposed[j * (k + 1) + 7 * r..][..7.min(k + 1 - 7 * r)]
+            })
+            .tiles
+            .to_vec();
+            assert_eq!(
+                b, by_rows,
+                "B [{k}, {n}] by rows vs by columns in runs of 7"
+            );
+            let b = pack_b_cols(&mut buffer, [k, n], k, |j, _| {
+                &transposed[j * (k + 1)..][..k]
+            });
             assert_eq!(b.tiles, &by_rows[..], "B [{k}, {n}] by rows vs by columns");
             for (at, &v) in b.tiles.iter().enumerate() {
                 let (tile, within) = (at / TILE, at % TILE);

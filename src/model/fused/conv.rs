@@ -518,14 +518,15 @@ pub(super) mod flex {
     }
 
     /// `transposed += im2col [taps, S * P] x dy^T [S * P, C_out]` for one chunk of `count`
-    /// samples (`padded`, `grads` as `[C_out, width]`) on AMX tiles: the samples split over the
-    /// threads, each packing its im2col straight from the input into tile layout (no f32
-    /// im2col) and summing into a partial result of its own.
+    /// samples (`padded`, and `dys` from the chunk's first sample on, NCHW) on AMX tiles: the
+    /// samples split over the threads, each packing its im2col straight from the input and its
+    /// `dy` straight from the output gradient into tile layout (no f32 copies) and summing into
+    /// a partial result of its own.
     fn add_parts_on_amx(
         g: &Geometry,
         padded: &[f32],
-        [count, width]: [usize; 2],
-        grads: &[f32],
+        count: usize,
+        dys: &[f32],
         transposed: &mut [f32],
     ) {
         let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
@@ -544,8 +545,11 @@ pub(super) mod flex {
                     packing.row(tap, &row);
                 }
                 let columns = packing.finish();
-                let grads = &grads[samples.start * positions..];
-                let grads = amx::pack_b_cols(&mut dy, grads, width, [depth, cout]);
+                // Column `co`, run `s`: that channel's `dy` in the part's sample `s`.
+                let first = samples.start;
+                let grads = amx::pack_b_cols(&mut dy, [depth, cout], positions, |co, s| {
+                    &dys[((first + s) * cout + co) * positions..][..positions]
+                });
                 let mut partial = vec![0f32; taps * cout];
                 amx::matmul(&mut partial, cout, &columns, &grads, false);
                 partial
@@ -785,11 +789,7 @@ pub(super) mod flex {
     }
 
     /// Whether [`convolve`] runs on our GEMM for these shapes (else flex's convolution).
-    pub(in crate::model::fused) fn takes_gemm(
-        x: &Shape,
-        weight: &Shape,
-        options: &ConvOptions<2>,
-    ) -> bool {
+    fn takes_gemm(x: &Shape, weight: &Shape, options: &ConvOptions<2>) -> bool {
         let fits = (0..2).all(|d| x[2 + d] + 2 * options.padding_begin()[d] >= weight[2 + d]);
         on_gemm(options) && fits
     }
@@ -820,6 +820,11 @@ pub(super) mod flex {
             let count = per_chunk.min(g.n - first);
             let width = count * positions;
             let padded = g.padded(&xs, [first, count], &mut padded, true, norm);
+            if bf16 {
+                let dys = &dys[first * cout * positions..];
+                add_parts_on_amx(&g, padded, count, dys, &mut transposed);
+                continue;
+            }
             // dy of these samples as [C_out, S * P].
             let grads = prefix(&mut grads, cout * width);
             grads
@@ -831,10 +836,6 @@ pub(super) mod flex {
                         out[s * positions..][..positions].copy_from_slice(&dys[at..at + positions]);
                     }
                 });
-            if bf16 {
-                add_parts_on_amx(&g, padded, [count, width], grads, &mut transposed);
-                continue;
-            }
             let columns = prefix(&mut columns, taps * width);
             columns
                 .par_chunks_mut(width)

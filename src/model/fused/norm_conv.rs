@@ -4,28 +4,27 @@
 //! - `conv(relu(bn(x)))`: inside a residual block the first norm's output feeds only the second
 //!   convolution. Kept apart, the norm keeps it for its ReLU mask and the convolution for its
 //!   weight gradient: a fifth of the activations a ResNet-18 step holds for its backward. Here
-//!   the norm's input and statistics are kept instead and the output is computed again in the
-//!   backward (one element-wise pass, from the same values, so bit for bit the same).
+//!   the norm is applied as the convolution copies its input into its zero-padded buffer (so
+//!   its output is never written out), the backward keeps the norm's input and statistics,
+//!   the weight gradient normalises the input again the same way, and the norm's backward takes
+//!   its ReLU mask from the input ([`ChannelNorm`]: one formula, so all agree to the bit).
 //! - `relu(bn(conv(x)))` for the stem: its convolution reads three channels, so running it
 //!   again in the backward costs a fraction of a percent of the step, and its output (as large
-//!   as the norm's) need not be kept.
-//!
-//! The forward passes are the fused operations in a row ([`super::batch_norm`],
-//! [`super::conv`]); their backward passes are reused as they are.
+//!   as the norm's) need not be kept. Its passes are the fused operations of
+//!   [`super::conv`] and [`super::batch_norm`] in a row.
 
 use burn::backend::backend_extension;
 use burn::backend::ops::ConvOptions;
 use burn::backend::tensor::FloatTensor;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::Tensor;
+use burn::tensor::{Shape, Tensor};
 
 use super::batch_norm::flex::{self as bn_flex, ChannelNorm};
 use super::batch_norm::{self, FusedBatchNormOps};
 use super::conv::flex as conv_flex;
 use super::conv::{self, GemmConvOps};
 use super::{contiguous_f32, tensor};
-use burn::tensor::Shape;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait NormReluConvOps: burn::backend::Backend {
