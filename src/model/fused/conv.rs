@@ -1025,12 +1025,27 @@ pub(super) mod autodiff {
     }
 }
 
+/// A bias-free square convolution with symmetric padding, as the tests here and in
+/// [`super::norm_conv`] build them.
+#[cfg(test)]
+pub(super) fn test_conv(
+    [cin, cout]: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    device: &burn::tensor::Device,
+) -> Conv2d {
+    burn::nn::conv::Conv2dConfig::new([cin, cout], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(burn::nn::PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_bias(false)
+        .init(device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::module::Module;
-    use burn::nn::PaddingConfig2d;
-    use burn::nn::conv::Conv2dConfig;
     use burn::tensor::{Device, Distribution};
 
     /// Output and gradients (input and weight) against burn's own `Conv2d`, for the stride-1
@@ -1055,11 +1070,7 @@ mod tests {
             (3, 1, 1, 8),
             (3, 2, 1, 8),
         ] {
-            let conv = Conv2dConfig::new([4, 6], [kernel, kernel])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-                .with_bias(false)
-                .init(&device);
+            let conv = test_conv([4, 6], kernel, stride, pad, &device);
             let x =
                 Tensor::<4>::random([3, 4, size, size], Distribution::Normal(0.0, 1.0), &device);
             assert!(gemm_path(&conv, &x).is_some());
@@ -1128,11 +1139,7 @@ mod tests {
             (36, 24, 1, 2, 8),
         ] {
             let pad = kernel / 2;
-            let conv = Conv2dConfig::new([cin, cout], [kernel, kernel])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-                .with_bias(false)
-                .init(&device);
+            let conv = test_conv([cin, cout], kernel, stride, pad, &device);
             let x = Tensor::<4>::random(
                 [5, cin, size, size],
                 Distribution::Normal(0.0, 1.0),

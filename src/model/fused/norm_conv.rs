@@ -520,8 +520,7 @@ mod autodiff {
 mod tests {
     use super::*;
     use crate::model::precision::{Precision, autocast};
-    use burn::nn::conv::Conv2dConfig;
-    use burn::nn::{BatchNormConfig, PaddingConfig2d};
+    use burn::nn::BatchNormConfig;
     use burn::tensor::{Device, Distribution};
 
     /// Which of the two operations.
@@ -554,11 +553,7 @@ mod tests {
             (Pair::ConvNormRelu, 3, 6, 3, 1),
         ] {
             let pad = kernel / 2;
-            let conv = Conv2dConfig::new([cin, cout], [kernel, kernel])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-                .with_bias(false)
-                .init(&device);
+            let conv = conv::test_conv([cin, cout], kernel, stride, pad, &device);
             let channels = match pair {
                 Pair::NormReluConv => cin,
                 Pair::ConvNormRelu => cout,
