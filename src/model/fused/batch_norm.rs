@@ -178,7 +178,7 @@ pub(super) fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
 }
 
 pub(super) mod flex {
-    use super::super::{contiguous_f32, tensor, wide};
+    use super::super::{contiguous_f32, tensor, wide, written_by_runs};
     use super::FusedBatchNormOps;
     use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
@@ -290,27 +290,25 @@ pub(super) mod flex {
             (_, c, s): (usize, usize, usize),
             residual: Option<&[f32]>,
         ) -> Vec<f32> {
-            let mut out = vec![0f32; xs.len()];
-            out.par_chunks_mut(s)
-                .zip(xs.par_chunks(s))
-                .enumerate()
-                .for_each(|(i, (o, run))| {
-                    let f = self.channel(i % c);
+            // SAFETY: run `i` writes one value per input value of run `i`, as many as its slots.
+            unsafe {
+                written_by_runs(xs.len(), s, |i, o| {
+                    let (f, run) = (self.channel(i % c), &xs[i * s..][..o.len()]);
                     match residual {
                         None => {
                             for (o, &v) in o.iter_mut().zip(run) {
-                                *o = f(v, 0.0);
+                                o.write(f(v, 0.0));
                             }
                         }
                         Some(residual) => {
-                            let residual = &residual[i * s..][..s];
+                            let residual = &residual[i * s..][..o.len()];
                             for ((o, &v), &r) in o.iter_mut().zip(run).zip(residual) {
-                                *o = f(v, r);
+                                o.write(f(v, r));
                             }
                         }
                     }
-                });
-            out
+                })
+            }
         }
     }
 
@@ -527,36 +525,36 @@ pub(super) mod flex {
                 (a, b, a * sum_dy[ch] / count)
             })
             .collect();
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(s)
-            .zip(xs.par_chunks(s).zip(dy.par_chunks(s)))
-            .enumerate()
-            .for_each(|(i, (out, (run, grads)))| {
+        // SAFETY: run `i` writes one value per input value of run `i`, as many as its slots.
+        let dx = unsafe {
+            written_by_runs(xs.len(), s, |i, out| {
+                let (run, grads) = (&xs[i * s..][..out.len()], &dy[i * s..][..out.len()]);
                 let ch = i % c;
                 let (a, b, k) = coefficients[ch];
                 let m = mean[ch];
                 match &relu {
                     Relu::None => {
                         for ((o, &v), &g) in out.iter_mut().zip(run).zip(grads) {
-                            *o = a * g - b * (v - m) - k;
+                            o.write(a * g - b * (v - m) - k);
                         }
                     }
                     Relu::Output(ys) => {
-                        let ys = &ys[i * s..][..s];
+                        let ys = &ys[i * s..][..out.len()];
                         for (((o, &v), &g), &y) in out.iter_mut().zip(run).zip(grads).zip(ys) {
                             let g = if y <= 0.0 { 0.0 } else { g };
-                            *o = a * g - b * (v - m) - k;
+                            o.write(a * g - b * (v - m) - k);
                         }
                     }
                     Relu::Input(norm) => {
                         let passes = norm.passes(ch);
                         for ((o, &v), &g) in out.iter_mut().zip(run).zip(grads) {
                             let g = if passes(v) { g } else { 0.0 };
-                            *o = a * g - b * (v - m) - k;
+                            o.write(a * g - b * (v - m) - k);
                         }
                     }
                 }
-            });
+            })
+        };
         let gamma_grad: Vec<f32> = (0..c).map(|ch| sum_dy_centred[ch] * inv_std[ch]).collect();
         (
             tensor(dx, shape),

@@ -60,6 +60,28 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `len` floats written run by run in parallel: `fill(i, slots)` writes run `i` (`run` values;
+/// the last run may be shorter). Unlike `vec![0.0; len]` and then the real values, nothing is
+/// written twice (a zero-fill is a whole extra pass where the allocator reuses memory).
+///
+/// # Safety
+/// `fill` must write every slot it is given.
+unsafe fn written_by_runs(
+    len: usize,
+    run: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut values = Vec::with_capacity(len);
+    values.spare_capacity_mut()[..len]
+        .par_chunks_mut(run.max(1))
+        .enumerate()
+        .for_each(|(i, slots)| fill(i, slots));
+    // SAFETY: the caller's `fill` wrote each of the first `len` values.
+    unsafe { values.set_len(len) };
+    values
+}
+
 /// The values of an f32 flex tensor in row-major order (copied only when it is strided).
 fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     assert_eq!(
