@@ -186,7 +186,7 @@ pub(super) mod flex {
     use rayon::prelude::*;
 
     /// `(batch, channels, spatial)` of an input of rank >= 2.
-    pub(in crate::model::fused) fn dims(shape: &Shape) -> (usize, usize, usize) {
+    fn dims(shape: &Shape) -> (usize, usize, usize) {
         let (n, c) = (shape[0], shape[1]);
         (n, c, shape.num_elements() / (n * c).max(1))
     }
@@ -451,25 +451,35 @@ pub(super) mod flex {
     ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
         let shape = shape_of(&x);
         let xs = contiguous_f32(&x);
-        let [mean, variance] = statistics(&xs, dims(&shape));
-        let (gamma, beta) = (contiguous_f32(&gamma), contiguous_f32(&beta));
-        let norm = ChannelNorm::new([&mean, &variance], [&gamma, &beta], epsilon, relu);
+        let (norm, mean, variance) = batch_norm_of(&xs, &shape, [&gamma, &beta], epsilon, relu);
         let residual = residual.as_ref().map(contiguous_f32);
         let out = norm.apply(&xs, dims(&shape), residual.as_deref());
+        (tensor(out, shape), mean, variance)
+    }
+
+    /// The norm that the batch statistics of `xs` (NCHW, of `shape`) make with `gamma` and
+    /// `beta`, and those statistics (mean, biased variance) as the fused ops return them.
+    pub(in crate::model::fused) fn batch_norm_of(
+        xs: &[f32],
+        shape: &Shape,
+        [gamma, beta]: [&FloatTensor<Flex>; 2],
+        epsilon: f64,
+        relu: bool,
+    ) -> (ChannelNorm, FloatTensor<Flex>, FloatTensor<Flex>) {
+        let [mean, variance] = statistics(xs, dims(shape));
+        let (gamma, beta) = (contiguous_f32(gamma), contiguous_f32(beta));
+        let norm = ChannelNorm::new([&mean, &variance], [&gamma, &beta], epsilon, relu);
         let c = mean.len();
-        (
-            tensor(out, shape),
+        let (mean, variance) = (
             tensor(mean, Shape::new([c])),
             tensor(variance, Shape::new([c])),
-        )
+        );
+        (norm, mean, variance)
     }
 
     /// Per channel, the mean and biased variance of an NCHW buffer of `(n, c, s)`: two passes
     /// (mean first), the variance without the cancellation of E[x^2] - E[x]^2.
-    pub(in crate::model::fused) fn statistics(
-        xs: &[f32],
-        (n, c, s): (usize, usize, usize),
-    ) -> [Vec<f32>; 2] {
+    fn statistics(xs: &[f32], (n, c, s): (usize, usize, usize)) -> [Vec<f32>; 2] {
         let count = (n * s) as f64;
         let mean: Vec<f32> = per_channel((n, c, s), |_, at| [sum_of(&xs[at..at + s], |v| v)])
             .into_iter()

@@ -18,13 +18,13 @@ use burn::backend::ops::ConvOptions;
 use burn::backend::tensor::FloatTensor;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::Tensor;
 
 use super::batch_norm::flex::{self as bn_flex, ChannelNorm};
 use super::batch_norm::{self, FusedBatchNormOps};
+use super::contiguous_f32;
 use super::conv::flex as conv_flex;
 use super::conv::{self, GemmConvOps};
-use super::{contiguous_f32, tensor};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait NormReluConvOps: burn::backend::Backend {
@@ -154,13 +154,10 @@ impl NormReluConvOps for burn::backend::Flex {
         options: ConvOptions<2>,
         bf16: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let shape = x.layout().shape().clone();
-        let [mean, variance] = bn_flex::statistics(&contiguous_f32(&x), bn_flex::dims(&shape));
-        let (mean, variance) = (
-            tensor(mean, Shape::new([shape[1]])),
-            tensor(variance, Shape::new([shape[1]])),
-        );
-        let norm = ChannelNorm::of([&mean, &variance, &gamma, &beta], epsilon, true);
+        let (norm, mean, variance) = {
+            let xs = contiguous_f32(&x);
+            bn_flex::batch_norm_of(&xs, x.layout().shape(), [&gamma, &beta], epsilon, true)
+        };
         let output = conv_flex::convolve(x, weight, options, bf16, Some(&norm));
         (output, mean, variance)
     }
