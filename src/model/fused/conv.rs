@@ -517,53 +517,82 @@ pub(super) mod flex {
         }
     }
 
-    /// `transposed += im2col [taps, S * P] x dy^T [S * P, C_out]` for one chunk of `count`
-    /// samples (`padded`, and `dys` from the chunk's first sample on, NCHW) on AMX tiles: the
-    /// samples split over the threads, each packing its im2col straight from the input and its
-    /// `dy` straight from the output gradient into tile layout (no f32 copies) and summing into
-    /// a partial result of its own.
+    /// `part.sum += im2col [taps, S * P] x dy^T [S * P, C_out]` over the samples of one chunk
+    /// of `count` (`padded`, and `dys` from the chunk's first sample on, NCHW) that fall to
+    /// each part, on AMX tiles: each part packs its im2col straight from the input and its `dy`
+    /// straight from the output gradient into tile layout (no f32 copies).
     fn add_parts_on_amx(
         g: &Geometry,
         padded: &[f32],
         count: usize,
         dys: &[f32],
-        transposed: &mut [f32],
+        parts: &mut [SumPart],
     ) {
         let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
         let sample_len = padded.len() / count;
-        let parts = rayon::current_num_threads().clamp(1, count);
-        let partials: Vec<Vec<f32>> = (0..parts)
-            .into_par_iter()
-            .map(|part| {
-                let samples = count * part / parts..count * (part + 1) / parts;
-                let depth = samples.len() * positions;
-                let inputs = &padded[samples.start * sample_len..samples.end * sample_len];
-                let (mut columns, mut row, mut dy) = (Vec::new(), vec![0f32; depth], Vec::new());
-                let mut packing = amx::PackingA::new(&mut columns, [taps, depth]);
-                for tap in 0..taps {
-                    g.fill_tap_row(inputs, tap, [0, g.ho], &mut row);
-                    packing.row(tap, &row);
-                }
-                let columns = packing.finish();
-                // Column `co`, run `s`: that channel's `dy` in the part's sample `s`.
-                let first = samples.start;
-                let grads = amx::pack_b_cols(&mut dy, [depth, cout], positions, |co, s| {
-                    &dys[((first + s) * cout + co) * positions..][..positions]
-                });
-                let mut partial = vec![0f32; taps * cout];
-                amx::matmul(&mut partial, cout, &columns, &grads, false);
-                partial
-            })
-            .collect();
-        add_partials(partials, transposed);
+        let total = parts.len();
+        parts.par_iter_mut().enumerate().for_each(|(index, part)| {
+            let samples = count * index / total..count * (index + 1) / total;
+            if samples.is_empty() {
+                return;
+            }
+            let depth = samples.len() * positions;
+            let inputs = &padded[samples.start * sample_len..samples.end * sample_len];
+            let row = prefix(&mut part.row, depth);
+            let mut packing = amx::PackingA::new(&mut part.columns, [taps, depth]);
+            for tap in 0..taps {
+                g.fill_tap_row(inputs, tap, [0, g.ho], row);
+                packing.row(tap, row);
+            }
+            let columns = packing.finish();
+            // Column `co`, run `s`: that channel's `dy` in the part's sample `s`.
+            let first = samples.start;
+            let grads = amx::pack_b_cols(&mut part.dy, [depth, cout], positions, |co, s| {
+                &dys[((first + s) * cout + co) * positions..][..positions]
+            });
+            amx::matmul(&mut part.sum, cout, &columns, &grads, true);
+        });
     }
 
-    fn add_partials(partials: Vec<Vec<f32>>, total: &mut [f32]) {
-        for partial in partials {
-            for (t, p) in total.iter_mut().zip(partial) {
-                *t += p;
+    /// One thread's share of a weight gradient split over the threads: its `[taps, C_out]`
+    /// sum over every chunk, and (bf16) its packing buffers, kept across the chunks.
+    struct SumPart {
+        sum: Vec<f32>,
+        row: Vec<f32>,
+        columns: Vec<u16>,
+        dy: Vec<u16>,
+    }
+
+    impl SumPart {
+        fn new(len: usize) -> Self {
+            SumPart {
+                sum: vec![0.0; len],
+                row: Vec::new(),
+                columns: Vec::new(),
+                dy: Vec::new(),
             }
         }
+    }
+
+    /// The `[C_out, taps]` weight gradient: the parts' `[taps, C_out]` sums added and
+    /// transposed in one pass, output channels in parallel.
+    fn transposed_sum(parts: &[SumPart], [taps, cout]: [usize; 2]) -> Vec<f32> {
+        /// Output channels per task: the reads of a tap are one run of this many values.
+        const CHANNELS: usize = 16;
+        let mut total = vec![0f32; cout * taps];
+        total
+            .par_chunks_mut(CHANNELS * taps)
+            .enumerate()
+            .for_each(|(block, out)| {
+                let first = block * CHANNELS;
+                for tap in 0..taps {
+                    for (c, out) in out.chunks_exact_mut(taps).enumerate() {
+                        let at = tap * cout + first + c;
+                        out[tap] = parts.iter().map(|part| part.sum[at]).sum();
+                    }
+                }
+            });
+        total
     }
 
     impl GemmConvOps for Flex {
@@ -810,9 +839,21 @@ pub(super) mod flex {
         let xs = contiguous_f32(&x);
         let dys = contiguous_f32(&output_grad);
         let per_chunk = g.samples_per_chunk();
-        // `[taps, C_out]`: with the result column-major, gemm packs the smaller `dy`, not
-        // the im2col (it would transpose the problem for a row-major result).
-        let mut transposed = vec![0f32; taps * cout];
+        // Sums split over the threads, each into a `[taps, C_out]` partial result of its own
+        // kept across the chunks: in bf16, and for small results in f32, where gemm's own
+        // threading splits `m x n` only (a few small jobs per depth block, a fork-join each).
+        // The other f32 ones use gemm's threading into one sum. `[taps, C_out]`: with the
+        // result column-major, gemm packs the smaller `dy`, not the im2col (it would transpose
+        // the problem for a row-major result).
+        let split = bf16 || cout * taps <= SPLIT_SUM_MAX_RESULT;
+        let threads = if split {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let mut parts: Vec<SumPart> = (0..threads.clamp(1, g.n))
+            .map(|_| SumPart::new(taps * cout))
+            .collect();
         // Per call, not per thread: kept, these chunk-sized buffers would add to the peak
         // memory of the whole step (measured: +130 MiB at width 1, no speed gained).
         let (mut padded, mut columns, mut grads) = (Vec::new(), Vec::new(), Vec::new());
@@ -822,7 +863,7 @@ pub(super) mod flex {
             let padded = g.padded(&xs, [first, count], &mut padded, true, norm);
             if bf16 {
                 let dys = &dys[first * cout * positions..];
-                add_parts_on_amx(&g, padded, count, dys, &mut transposed);
+                add_parts_on_amx(&g, padded, count, dys, &mut parts);
                 continue;
             }
             // dy of these samples as [C_out, S * P].
@@ -841,51 +882,31 @@ pub(super) mod flex {
                 .par_chunks_mut(width)
                 .enumerate()
                 .for_each(|(tap, row)| g.fill_tap_row(padded, tap, [0, g.ho], row));
-            if cout * taps > SPLIT_SUM_MAX_RESULT {
-                gemm_into(
-                    &mut transposed,
-                    [1, cout],
-                    [cout, taps, width],
-                    grads,
-                    [width, 1],
-                    columns,
-                    [1, width],
-                    first > 0,
-                    gemm::Parallelism::Rayon(0),
-                );
-                continue;
-            }
-            // Small results: the sum split over the threads, each a single-threaded GEMM
-            // into its own partial result. gemm's own threading splits `m x n` only, which
-            // for these is a few small jobs per depth block, with a fork-join each.
-            let parts = rayon::current_num_threads().clamp(1, width);
-            let partials: Vec<Vec<f32>> = (0..parts)
-                .into_par_iter()
-                .map(|part| {
-                    let (k0, k1) = (width * part / parts, width * (part + 1) / parts);
-                    let mut partial = vec![0f32; taps * cout];
+            let (grads, columns) = (&grads[..], &columns[..]);
+            let total = parts.len();
+            let parallelism = if split {
+                gemm::Parallelism::None
+            } else {
+                gemm::Parallelism::Rayon(0)
+            };
+            parts.par_iter_mut().enumerate().for_each(|(part, sum)| {
+                let (k0, k1) = (width * part / total, width * (part + 1) / total);
+                if k0 < k1 {
                     gemm_into(
-                        &mut partial,
+                        &mut sum.sum,
                         [1, cout],
                         [cout, taps, k1 - k0],
                         &grads[k0..],
                         [width, 1],
                         &columns[k0..],
                         [1, width],
-                        false,
-                        gemm::Parallelism::None,
+                        true,
+                        parallelism,
                     );
-                    partial
-                })
-                .collect();
-            add_partials(partials, &mut transposed);
+                }
+            });
         }
-        let mut total = vec![0f32; cout * taps];
-        for (co, out) in total.chunks_exact_mut(taps).enumerate() {
-            for (tap, value) in out.iter_mut().enumerate() {
-                *value = transposed[tap * cout + co];
-            }
-        }
+        let total = transposed_sum(&parts, [taps, cout]);
         tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]))
     }
 }
