@@ -120,11 +120,48 @@ pub fn pack_a<'a>(
     row_stride: usize,
     [m, k]: [usize; 2],
 ) -> PackedA<'a> {
-    let mut packing = PackingA::new(buffer, [m, k]);
-    for i in 0..m {
-        packing.row(i, &src[i * row_stride..][..k]);
+    pack_a_rows(buffer, [m, k], |i, row| {
+        row.copy_from_slice(&src[i * row_stride..][..k]);
+    })
+}
+
+/// Packs an `m x k` A into `buffer`, its blocks of 16 rows in parallel: `row(i, values)`
+/// writes row `i` into `values` (`k` floats, zero when it is handed over), e.g. gathered from
+/// weights in another layout.
+pub fn pack_a_rows<'a>(
+    buffer: &'a mut Vec<u16>,
+    [m, k]: [usize; 2],
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> PackedA<'a> {
+    use rayon::prelude::*;
+    let blocks = Blocks::new(m, k);
+    let tiles = tiles_of(buffer, blocks.tiles() * TILE);
+    if blocks.depth > 0 {
+        // The tiles of outer block `o` are contiguous, depth block by depth block.
+        let block_len = blocks.depth * TILE;
+        tiles
+            .par_chunks_mut(block_len)
+            .enumerate()
+            .for_each(|(o, block)| {
+                let mut values = vec![0f32; k];
+                for r in 0..ROWS {
+                    let i = o * ROWS + r;
+                    values.fill(0.0);
+                    if i < m {
+                        row(i, &mut values);
+                    }
+                    for (d, values) in values.chunks(DEPTH).enumerate() {
+                        convert(values, &mut block[d * TILE + r * DEPTH..][..DEPTH]);
+                    }
+                }
+            });
     }
-    packing.finish()
+    PackedA {
+        tiles,
+        blocks,
+        m,
+        k,
+    }
 }
 
 /// An `m x k` left operand packed one row at a time, e.g. from rows of an im2col that never

@@ -54,9 +54,9 @@ pub trait GemmConvOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 
     /// The input gradient of [`gemm_conv2d`](GemmConvOps::gemm_conv2d) (no groups, no
-    /// dilation, symmetric padding; any stride): `weight^T [taps, C_out] x dy [C_out, P]` per
-    /// sample, then each tap's row added back where im2col took it from; `bf16` as in
-    /// `gemm_conv2d`.
+    /// dilation, symmetric padding; any stride): at stride 1 the convolution of `dy` with the
+    /// kernel flipped; else `weight^T [taps, C_out] x dy [C_out, P]` per sample, then each
+    /// tap's row added back where im2col took it from; `bf16` as in `gemm_conv2d`.
     fn gemm_conv2d_input_grad(
         output_grad: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -113,8 +113,8 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 
 pub(super) mod flex {
     use super::super::batch_norm::flex::ChannelNorm;
-    use super::super::{amx, contiguous_f32, tensor};
-    use super::{GemmConvOps, on_gemm};
+    use super::super::{amx, contiguous_f32, filled_by_runs, tensor};
+    use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::Flex;
     use burn::backend::ops::{ConvOptions, ModuleOps};
     use burn::backend::tensor::FloatTensor;
@@ -385,17 +385,14 @@ pub(super) mod flex {
     ) -> amx::PackedA<'a> {
         let window = g.kh * g.kw;
         let depth = 2 * g.cin.div_ceil(2) * window;
-        let mut packing = amx::PackingA::new(buffer, [g.cout, depth]);
-        let mut row = vec![0f32; depth];
-        for (co, kernel) in weights.chunks_exact(g.cin * window).enumerate() {
+        amx::pack_a_rows(buffer, [g.cout, depth], |co, row| {
+            let kernel = &weights[co * g.cin * window..][..g.cin * window];
             for (c, plane) in kernel.chunks_exact(window).enumerate() {
                 for (offset, &v) in plane.iter().enumerate() {
                     row[2 * (c / 2 * window + offset) + c % 2] = v;
                 }
             }
-            packing.row(co, &row);
-        }
-        packing.finish()
+        })
     }
 
     /// Copies `src[r * step..][..width]` to `dst[r * width..][..width]` for every row `r` of
@@ -625,7 +622,8 @@ pub(super) mod flex {
             weight_grad(x, output_grad, kernel, &options, bf16, None)
         }
 
-        /// Samples in parallel: `weight^T x dy` into this sample's im2col-shaped gradient,
+        /// At stride 1, [`convolve`] of `dy` with [`flipped_kernel`]. Otherwise samples in
+        /// parallel: `weight^T x dy` into this sample's im2col-shaped gradient,
         /// whose tap rows are added into a padded, phase-split plane (the runs im2col copies
         /// from), which is then cropped.
         fn gemm_conv2d_input_grad(
@@ -636,72 +634,103 @@ pub(super) mod flex {
             bf16: bool,
         ) -> FloatTensor<Self> {
             let ws = weight.layout().shape().clone();
-            let g = Geometry::new(&Shape::new(input), ws[0], [ws[2], ws[3]], &options);
+            let kernel = [ws[2], ws[3]];
+            if input_grad_is_a_convolution(&options, kernel) {
+                return convolve(
+                    output_grad,
+                    flipped_kernel(&weight),
+                    ConvOptions::new(
+                        [1, 1],
+                        [0, 1].map(|d| kernel[d] - 1 - options.padding_begin()[d]),
+                        [1, 1],
+                        1,
+                    ),
+                    bf16,
+                    None,
+                );
+            }
+            let g = Geometry::new(&Shape::new(input), ws[0], kernel, &options);
             let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
             let (dys, weights) = (contiguous_f32(&output_grad), contiguous_f32(&weight));
             // weight^T, `[taps, C_out]`: row `tap` holds that tap's weight for every output
             // channel (the GEMM's `k` contiguous).
-            let mut transposed = vec![0f32; taps * cout];
-            for (tap, row) in transposed.chunks_exact_mut(cout).enumerate() {
+            let transposed_row = |tap: usize, row: &mut [f32]| {
                 for (co, value) in row.iter_mut().enumerate() {
                     *value = weights[co * taps + tap];
                 }
-            }
+            };
             let mut packed_weights = Vec::new();
-            let packed_weights =
-                bf16.then(|| amx::pack_a(&mut packed_weights, &transposed, cout, [taps, cout]));
+            let (packed_weights, transposed) = if bf16 {
+                let packed = amx::pack_a_rows(&mut packed_weights, [taps, cout], transposed_row);
+                (Some(packed), Vec::new())
+            } else {
+                (None, filled_by_runs(taps * cout, cout, transposed_row))
+            };
             let [hp, pitch, phase] = g.padded_plane();
             let image = g.cin * g.h * g.w;
-            let mut grad = vec![0f32; g.n * image];
-            grad.par_chunks_mut(image)
-                .zip(dys.par_chunks(cout * positions))
-                .for_each(|(grad, dy)| {
-                    with_scratch(|scratch| {
-                        // `[taps, P]`, the gradient of this sample's im2col.
-                        let columns = prefix(&mut scratch.columns, taps * positions);
-                        if let Some(weights) = &packed_weights {
-                            let dy = amx::pack_b_rows(
-                                &mut scratch.packed,
-                                dy,
-                                positions,
-                                [cout, positions],
-                            );
-                            amx::matmul(columns, positions, weights, &dy, false);
-                        } else {
-                            // As its transpose `dy^T [P, C_out] x weight [C_out, taps]`,
-                            // both operands with `k` contiguous where gemm wants it.
-                            gemm_into(
-                                columns,
-                                [1, positions],
-                                [positions, taps, cout],
-                                dy,
-                                [1, positions],
-                                &transposed,
-                                [1, cout],
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
-                        padded.fill(0.0);
-                        g.add_tap_rows(columns, padded);
-                        // Padded column `x` is value `x / sw` of phase `x % sw`.
-                        let [ph, pw] = g.pad;
-                        let sw = g.stride[1];
-                        let planes = padded.chunks_exact(hp * pitch);
-                        for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
-                            for (y, out) in out.chunks_exact_mut(g.w).enumerate() {
-                                let padded_row = &plane[(y + ph) * pitch..][..pitch];
-                                for (x, value) in out.iter_mut().enumerate() {
-                                    let column = x + pw;
-                                    *value = padded_row[column % sw * phase + column / sw];
-                                }
+            let grad = filled_by_runs(g.n * image, image, |s, grad| {
+                let dy = &dys[s * cout * positions..][..cout * positions];
+                with_scratch(|scratch| {
+                    // `[taps, P]`, the gradient of this sample's im2col.
+                    let columns = prefix(&mut scratch.columns, taps * positions);
+                    if let Some(weights) = &packed_weights {
+                        let dy =
+                            amx::pack_b_rows(&mut scratch.packed, dy, positions, [cout, positions]);
+                        amx::matmul(columns, positions, weights, &dy, false);
+                    } else {
+                        // As its transpose `dy^T [P, C_out] x weight [C_out, taps]`,
+                        // both operands with `k` contiguous where gemm wants it.
+                        gemm_into(
+                            columns,
+                            [1, positions],
+                            [positions, taps, cout],
+                            dy,
+                            [1, positions],
+                            &transposed,
+                            [1, cout],
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
+                    padded.fill(0.0);
+                    g.add_tap_rows(columns, padded);
+                    // Padded column `x` is value `x / sw` of phase `x % sw`.
+                    let [ph, pw] = g.pad;
+                    let sw = g.stride[1];
+                    let planes = padded.chunks_exact(hp * pitch);
+                    for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
+                        for (y, out) in out.chunks_exact_mut(g.w).enumerate() {
+                            let padded_row = &plane[(y + ph) * pitch..][..pitch];
+                            for (x, value) in out.iter_mut().enumerate() {
+                                let column = x + pw;
+                                *value = padded_row[column % sw * phase + column / sw];
                             }
                         }
-                    })
-                });
+                    }
+                })
+            });
             tensor(grad, Shape::new(input))
         }
+    }
+
+    /// `weight [C_out, C_in, kh, kw]` flipped in space with its in and out channels swapped,
+    /// `[C_in, C_out, kh, kw]`: the kernel whose stride-1 convolution of the output gradient
+    /// is the input gradient. Input channels in parallel (burn's `flip` and `swap_dims` make a
+    /// view that a later copy walks element by element on one thread).
+    fn flipped_kernel(weight: &FloatTensor<Flex>) -> FloatTensor<Flex> {
+        let ws = weight.layout().shape().clone();
+        let (cout, cin, window) = (ws[0], ws[1], ws[2] * ws[3]);
+        let weights = contiguous_f32(weight);
+        let flipped = filled_by_runs(cin * cout * window, cout * window, |ci, out| {
+            for (co, kernel) in out.chunks_exact_mut(window).enumerate() {
+                let source = &weights[(co * cin + ci) * window..][..window];
+                for (o, &v) in kernel.iter_mut().zip(source.iter().rev()) {
+                    *o = v;
+                }
+            }
+        });
+        tensor(flipped, Shape::new([cin, cout, ws[2], ws[3]]))
     }
 
     /// [`GemmConvOps::gemm_conv2d`] of `x` normalised by `norm` (when given) as the convolution
@@ -732,11 +761,10 @@ pub(super) mod flex {
         let group = (TILE_POSITIONS / positions).clamp(1, g.n);
         // Tiles of whole output rows.
         let tile_rows = (TILE_POSITIONS / g.wo).clamp(1, g.ho);
-        let mut output = vec![0f32; g.n * cout * positions];
-        output
-            .par_chunks_mut(group * cout * positions)
-            .enumerate()
-            .for_each(|(index, block)| {
+        let output = filled_by_runs(
+            g.n * cout * positions,
+            group * cout * positions,
+            |index, block| {
                 let count = block.len() / (cout * positions);
                 with_scratch(|scratch| {
                     let Scratch {
@@ -813,7 +841,8 @@ pub(super) mod flex {
                         }
                     }
                 })
-            });
+            },
+        );
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
     }
 
@@ -912,7 +941,7 @@ pub(super) mod flex {
 }
 
 pub(super) mod autodiff {
-    use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
+    use super::{GemmConvOps, on_gemm};
     use burn::backend::ops::ConvOptions;
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{AutodiffBackend, Backend, TensorMetadata};
@@ -966,8 +995,8 @@ pub(super) mod autodiff {
         }
     }
 
-    /// The input gradient of the same: a stride-1 convolution where it is one, our col2im
-    /// where [`on_gemm`] allows, burn's otherwise. `x` is read for its shape only.
+    /// The input gradient of the same: ours where [`on_gemm`] allows (a stride-1 convolution
+    /// where it is one, col2im otherwise), burn's otherwise. `x` is read for its shape only.
     pub(in crate::model::fused) fn input_gradient<B: Backend + GemmConvOps>(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
@@ -975,18 +1004,7 @@ pub(super) mod autodiff {
         options: ConvOptions<2>,
         bf16: bool,
     ) -> FloatTensor<B> {
-        let shape = weight.shape();
-        let kernel = [shape[2], shape[3]];
-        if input_grad_is_a_convolution(&options, kernel) {
-            // The kernel flipped in space, in/out channels swapped, padded k - 1 - p.
-            let flipped = B::float_swap_dims(B::float_flip(weight, &[2, 3]), 0, 1);
-            let padding = [
-                kernel[0] - 1 - options.padding_begin()[0],
-                kernel[1] - 1 - options.padding_begin()[1],
-            ];
-            let options = ConvOptions::new([1, 1], padding, [1, 1], 1);
-            B::gemm_conv2d(grad, flipped, options, bf16)
-        } else if on_gemm(&options) {
+        if on_gemm(&options) {
             let input = x.shape().dims::<4>();
             B::gemm_conv2d_input_grad(grad, weight, input, options, bf16)
         } else {

@@ -82,6 +82,28 @@ unsafe fn written_by_runs(
     values
 }
 
+/// `len` floats made run by run in parallel: each run of `run` values (the last may be
+/// shorter) is zeroed and handed to `fill(i, values)` on the thread that then overwrites it.
+/// Unlike `vec![0.0; len]` before parallel work, no serial pass over fresh memory first: the
+/// zeros are written in cache, on every thread.
+fn filled_by_runs(
+    len: usize,
+    run: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    // SAFETY: every slot of a run is written (zero) before `fill` sees the run.
+    unsafe {
+        written_by_runs(len, run, |i, slots| {
+            for slot in slots.iter_mut() {
+                slot.write(0.0);
+            }
+            // SAFETY: all of `slots` is initialised just above.
+            let values = &mut *(slots as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]);
+            fill(i, values);
+        })
+    }
+}
+
 /// The values of an f32 flex tensor in row-major order (copied only when it is strided).
 fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     assert_eq!(
