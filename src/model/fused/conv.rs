@@ -225,15 +225,15 @@ pub(super) mod flex {
             }
             let [hp, pitch, _] = self.padded_plane();
             let padded_image = self.cin * hp * pitch;
-            let padded = prefix(buffer, count * padded_image);
             if parallel {
-                padded
-                    .par_chunks_mut(padded_image)
-                    .enumerate()
-                    .for_each(|(s, out)| self.pad_samples(xs, first + s, out, norm));
-            } else {
-                self.pad_samples(xs, first, padded, norm);
+                // A new buffer made by the threads: growing `buffer` would zero it on this one.
+                *buffer = filled_by_runs(count * padded_image, padded_image, |s, out| {
+                    self.pad_samples(xs, first + s, out, norm)
+                });
+                return buffer;
             }
+            let padded = prefix(buffer, count * padded_image);
+            self.pad_samples(xs, first, padded, norm);
             padded
         }
 
@@ -883,9 +883,9 @@ pub(super) mod flex {
         let mut parts: Vec<SumPart> = (0..threads.clamp(1, g.n))
             .map(|_| SumPart::new(taps * cout))
             .collect();
-        // Per call, not per thread: kept, these chunk-sized buffers would add to the peak
-        // memory of the whole step (measured: +130 MiB at width 1, no speed gained).
-        let (mut padded, mut columns, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+        // Per call, not per thread: kept, the chunk-sized buffers would add to the peak memory
+        // of the whole step (measured: +130 MiB at width 1, no speed gained).
+        let mut padded = Vec::new();
         for first in (0..g.n).step_by(per_chunk) {
             let count = per_chunk.min(g.n - first);
             let width = count * positions;
@@ -895,22 +895,17 @@ pub(super) mod flex {
                 add_parts_on_amx(&g, padded, count, dys, &mut parts);
                 continue;
             }
-            // dy of these samples as [C_out, S * P].
-            let grads = prefix(&mut grads, cout * width);
-            grads
-                .par_chunks_mut(width)
-                .enumerate()
-                .for_each(|(co, out)| {
-                    for s in 0..count {
-                        let at = ((first + s) * cout + co) * positions;
-                        out[s * positions..][..positions].copy_from_slice(&dys[at..at + positions]);
-                    }
-                });
-            let columns = prefix(&mut columns, taps * width);
-            columns
-                .par_chunks_mut(width)
-                .enumerate()
-                .for_each(|(tap, row)| g.fill_tap_row(padded, tap, [0, g.ho], row));
+            // dy of these samples as [C_out, S * P], and their im2col `[taps, S * P]`: new
+            // buffers made by the threads (growing reused ones would zero them on this one).
+            let grads = filled_by_runs(cout * width, width, |co, out| {
+                for s in 0..count {
+                    let at = ((first + s) * cout + co) * positions;
+                    out[s * positions..][..positions].copy_from_slice(&dys[at..at + positions]);
+                }
+            });
+            let columns = filled_by_runs(taps * width, width, |tap, row| {
+                g.fill_tap_row(padded, tap, [0, g.ho], row)
+            });
             let (grads, columns) = (&grads[..], &columns[..]);
             let total = parts.len();
             let parallelism = if split {
