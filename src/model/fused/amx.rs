@@ -113,18 +113,6 @@ fn tiles_of(buffer: &mut Vec<u16>, len: usize) -> &mut [u16] {
     &mut buffer[..len]
 }
 
-/// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
-pub fn pack_a<'a>(
-    buffer: &'a mut Vec<u16>,
-    src: &[f32],
-    row_stride: usize,
-    [m, k]: [usize; 2],
-) -> PackedA<'a> {
-    pack_a_rows(buffer, [m, k], |i, row| {
-        row.copy_from_slice(&src[i * row_stride..][..k]);
-    })
-}
-
 /// Packs an `m x k` A into `buffer`, its blocks of 16 rows in parallel: `row(i, values)`
 /// writes row `i` into `values` (`k` floats, zero when it is handed over), e.g. gathered from
 /// weights in another layout.
@@ -675,6 +663,18 @@ unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packs `A[i][d] = src[i * row_stride + d]` (`m x k`, depth contiguous) into `buffer`.
+    fn pack_a<'a>(
+        buffer: &'a mut Vec<u16>,
+        src: &[f32],
+        row_stride: usize,
+        [m, k]: [usize; 2],
+    ) -> PackedA<'a> {
+        pack_a_rows(buffer, [m, k], |i, row| {
+            row.copy_from_slice(&src[i * row_stride..][..k]);
+        })
+    }
 
     fn f32_of(b: u16) -> f32 {
         f32::from_bits((b as u32) << 16)
