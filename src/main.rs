@@ -24,7 +24,7 @@ fn main() -> std::process::ExitCode {
 /// kernel. A training step allocates and frees the same large activation buffers every step;
 /// glibc serves blocks over 32 MiB with a fresh `mmap` and returns them on free (and trims the
 /// heap top over 128 KiB), so every step page-faulted and zeroed them anew: 5-10% of the
-/// step. Served from the heap, they are reused (bf16 width 1: 1.07x, peak RSS 2% lower).
+/// step. Served from the heap, they are reused (bf16 width 1: 1.06x, peak RSS 2% lower).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator settings; it runs before any other thread starts.

@@ -576,20 +576,15 @@ pub(super) mod flex {
     fn transposed_sum(parts: &[SumPart], [taps, cout]: [usize; 2]) -> Vec<f32> {
         /// Output channels per task: the reads of a tap are one run of this many values.
         const CHANNELS: usize = 16;
-        let mut total = vec![0f32; cout * taps];
-        total
-            .par_chunks_mut(CHANNELS * taps)
-            .enumerate()
-            .for_each(|(block, out)| {
-                let first = block * CHANNELS;
-                for tap in 0..taps {
-                    for (c, out) in out.chunks_exact_mut(taps).enumerate() {
-                        let at = tap * cout + first + c;
-                        out[tap] = parts.iter().map(|part| part.sum[at]).sum();
-                    }
+        filled_by_runs(cout * taps, CHANNELS * taps, |block, out| {
+            let first = block * CHANNELS;
+            for tap in 0..taps {
+                for (c, out) in out.chunks_exact_mut(taps).enumerate() {
+                    let at = tap * cout + first + c;
+                    out[tap] = parts.iter().map(|part| part.sum[at]).sum();
                 }
-            });
-        total
+            }
+        })
     }
 
     impl GemmConvOps for Flex {
@@ -875,10 +870,10 @@ pub(super) mod flex {
         // result column-major, gemm packs the smaller `dy`, not the im2col (it would transpose
         // the problem for a row-major result).
         let split = bf16 || cout * taps <= SPLIT_SUM_MAX_RESULT;
-        let threads = if split {
-            rayon::current_num_threads()
+        let (threads, parallelism) = if split {
+            (rayon::current_num_threads(), gemm::Parallelism::None)
         } else {
-            1
+            (1, gemm::Parallelism::Rayon(0))
         };
         let mut parts: Vec<SumPart> = (0..threads.clamp(1, g.n))
             .map(|_| SumPart::new(taps * cout))
@@ -906,13 +901,7 @@ pub(super) mod flex {
             let columns = filled_by_runs(taps * width, width, |tap, row| {
                 g.fill_tap_row(padded, tap, [0, g.ho], row)
             });
-            let (grads, columns) = (&grads[..], &columns[..]);
             let total = parts.len();
-            let parallelism = if split {
-                gemm::Parallelism::None
-            } else {
-                gemm::Parallelism::Rayon(0)
-            };
             parts.par_iter_mut().enumerate().for_each(|(part, sum)| {
                 let (k0, k1) = (width * part / total, width * (part + 1) / total);
                 if k0 < k1 {
