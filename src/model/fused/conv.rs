@@ -113,7 +113,9 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 
 pub(super) mod flex {
     use super::super::batch_norm::flex::ChannelNorm;
-    use super::super::{amx, contiguous_f32, filled_by_runs, tensor};
+    use super::super::{
+        amx, as_slots, contiguous_f32, filled_by_runs, tensor, wide, winograd, written_by_runs,
+    };
     use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::Flex;
     use burn::backend::ops::{ConvOptions, ModuleOps};
@@ -147,6 +149,23 @@ pub(super) mod flex {
     const TILE_POSITIONS: usize = 256;
     #[cfg(test)]
     const TILE_POSITIONS: usize = 7;
+    /// Channels times output width from which a convolution takes Winograd (`takes_winograd`);
+    /// the tests take it everywhere it applies.
+    #[cfg(not(test))]
+    const WINOGRAD_MIN_WORK: usize = 2048;
+    #[cfg(test)]
+    const WINOGRAD_MIN_WORK: usize = 1;
+    /// Transformed values of one channel block per Winograd GEMM (see `winograd_convolve`).
+    const WINOGRAD_VALUES: usize = 1 << 16;
+    #[cfg(not(test))]
+    const WINOGRAD_MIN_TILES: usize = 64;
+    #[cfg(not(test))]
+    const WINOGRAD_MAX_TILES: usize = 256;
+    /// In the tests, a few tiles per GEMM, so that their images span several.
+    #[cfg(test)]
+    const WINOGRAD_MIN_TILES: usize = 2;
+    #[cfg(test)]
+    const WINOGRAD_MAX_TILES: usize = 3;
 
     /// Shapes of one convolution over an NCHW batch.
     #[derive(Clone, Copy)]
@@ -296,7 +315,7 @@ pub(super) mod flex {
         /// value is the input under that tap at one output position. The rows of all taps make
         /// the im2col `[taps, samples * positions]`, positions contiguous, which GEMM reads as
         /// is; each output row is a copy of one run of a padded input row.
-        fn fill_tap_row(&self, padded: &[f32], tap: usize, span: [usize; 2], row: &mut [f32]) {
+        fn fill_tap_row<T: Copy>(&self, padded: &[T], tap: usize, span: [usize; 2], row: &mut [T]) {
             let (kh, kw) = (self.kh, self.kw);
             let (c, offset) = (tap / (kh * kw), [tap / kw % kh, tap % kw]);
             self.fill_offset_row(padded, [c, self.cin], offset, span, 1, row);
@@ -750,6 +769,10 @@ pub(super) mod flex {
         let xs = contiguous_f32(&x);
         // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
         let weights = contiguous_f32(&weight);
+        if !bf16 && takes_winograd(&g) {
+            let output = winograd_convolve(&g, &xs, &weights, norm);
+            return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
+        }
         let mut packed_weights = Vec::new();
         let packed_weights = bf16.then(|| pack_pair_weights(&g, &weights, &mut packed_weights));
         // Small images go several to a GEMM, so that its rows fill a tile.
@@ -841,6 +864,91 @@ pub(super) mod flex {
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
     }
 
+    /// Whether [`convolve`] takes [`winograd_convolve`] (f32 only: in bf16 the AMX tiles
+    /// have products to spare). Its transforms cost per value and per output row, what it
+    /// saves grows with the channels: measured, every 3x3 layer of a ResNet-18 gains at width
+    /// 1 (channels x output width 2,048: inference 1.2x) and every one loses at width 0.25
+    /// (512: the step 0.85x).
+    fn takes_winograd(g: &Geometry) -> bool {
+        winograd::applies([g.kh, g.kw], g.stride, g.pad, [g.ho, g.wo])
+            && g.cin.min(g.cout) * g.wo >= WINOGRAD_MIN_WORK
+    }
+
+    /// [`convolve`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(2x2, 3x3)
+    /// ([`winograd`]): per block of samples (or of tile rows, for large images), the padded
+    /// input transformed, 16 single-threaded GEMMs `[tiles, C_in] x [C_in, C_out]`, and their
+    /// products transformed into the output.
+    fn winograd_convolve(
+        g: &Geometry,
+        xs: &[f32],
+        weights: &[f32],
+        norm: Option<&ChannelNorm>,
+    ) -> Vec<f32> {
+        let (cin, cout, positions) = (g.cin, g.cout, g.positions());
+        let points = winograd::POINTS;
+        let transformed = winograd::transform_weights(weights, [cout, cin]);
+        let (th, tw) = (g.ho / 2, g.wo / 2);
+        // Tiles per GEMM: enough that its weights are packed rarely, few enough that the
+        // transformed tiles (`16 x C x tiles`, for the wider of C_in and C_out) stay near 4 MB.
+        let tiles = (WINOGRAD_VALUES / cin.max(cout)).clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
+        let group = (tiles / (th * tw)).clamp(1, g.n);
+        let tile_rows = (tiles / tw).clamp(1, th);
+        let [hp, pitch, _] = g.padded_plane();
+        filled_by_runs(
+            g.n * cout * positions,
+            group * cout * positions,
+            |index, block| {
+                let count = block.len() / (cout * positions);
+                with_scratch(|scratch| {
+                    let padded =
+                        g.padded(xs, [index * group, count], &mut scratch.padded, false, norm);
+                    for first in (0..th).step_by(tile_rows) {
+                        let rows = tile_rows.min(th - first);
+                        let tiles = count * rows * tw;
+                        let inputs = prefix(&mut scratch.columns, points * cin * tiles);
+                        wide(
+                            #[inline(always)]
+                            || {
+                                winograd::transform_input(
+                                    padded,
+                                    [count, cin, hp, pitch],
+                                    [first, rows],
+                                    tw,
+                                    inputs,
+                                )
+                            },
+                        );
+                        let products = prefix(&mut scratch.product, points * cout * tiles);
+                        for p in 0..points {
+                            gemm_into(
+                                &mut products[p * cout * tiles..][..cout * tiles],
+                                [1, tiles],
+                                [tiles, cout, cin],
+                                &inputs[p * cin * tiles..][..cin * tiles],
+                                [1, tiles],
+                                &transformed[p * cout * cin..][..cout * cin],
+                                [1, cin],
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        wide(
+                            #[inline(always)]
+                            || {
+                                winograd::transform_output(
+                                    products,
+                                    [count, cout, g.ho, g.wo],
+                                    [first, rows],
+                                    block,
+                                )
+                            },
+                        );
+                    }
+                })
+            },
+        )
+    }
+
     /// Whether [`convolve`] runs on our GEMM for these shapes (else flex's convolution).
     fn takes_gemm(x: &Shape, weight: &Shape, options: &ConvOptions<2>) -> bool {
         let fits = (0..2).all(|d| x[2 + d] + 2 * options.padding_begin()[d] >= weight[2 + d]);
@@ -891,16 +999,24 @@ pub(super) mod flex {
                 continue;
             }
             // dy of these samples as [C_out, S * P], and their im2col `[taps, S * P]`: new
-            // buffers made by the threads (growing reused ones would zero them on this one).
-            let grads = filled_by_runs(cout * width, width, |co, out| {
-                for s in 0..count {
-                    let at = ((first + s) * cout + co) * positions;
-                    out[s * positions..][..positions].copy_from_slice(&dys[at..at + positions]);
-                }
-            });
-            let columns = filled_by_runs(taps * width, width, |tap, row| {
-                g.fill_tap_row(padded, tap, [0, g.ho], row)
-            });
+            // buffers written once by the threads (a zero-fill first was 5% of the width-0.25
+            // step on a Zen 3).
+            // SAFETY: the runs of `dy` and of the taps cover each of their slots.
+            let grads = unsafe {
+                written_by_runs(cout * width, width, |co, out| {
+                    for s in 0..count {
+                        let at = ((first + s) * cout + co) * positions;
+                        out[s * positions..][..positions]
+                            .copy_from_slice(as_slots(&dys[at..at + positions]));
+                    }
+                })
+            };
+            // SAFETY: `fill_tap_row` writes every value of a tap's row.
+            let columns = unsafe {
+                written_by_runs(taps * width, width, |tap, row| {
+                    g.fill_tap_row(as_slots(padded), tap, [0, g.ho], row)
+                })
+            };
             let total = parts.len();
             parts.par_iter_mut().enumerate().for_each(|(part, sum)| {
                 let (k0, k1) = (width * part / total, width * (part + 1) / total);
@@ -1089,8 +1205,10 @@ mod tests {
             (3, 2, 1, 2),
             (3, 1, 1, 3),
             (3, 2, 1, 5),
-            // Output rows of 8 and 4: the fixed-size row copies.
+            // Output rows of 8 and 4: the fixed-size row copies (and Winograd at stride 1,
+            // over several tile rows; at 2x2, one tile per sample, several samples per GEMM).
             (3, 1, 1, 8),
+            (3, 1, 1, 2),
             (3, 2, 1, 8),
         ] {
             let conv = test_conv([4, 6], kernel, stride, pad, &device);

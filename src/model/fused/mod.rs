@@ -10,6 +10,7 @@ pub mod amx;
 pub mod batch_norm;
 pub mod conv;
 pub mod norm_conv;
+mod winograd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,11 +33,13 @@ fn is_flex(device: &burn::tensor::Device) -> bool {
     )
 }
 
-/// Runs `f` compiled for AVX-512 where the CPU has it (the crate builds for baseline x86-64,
-/// whose SSE2 handles four floats at a time), for a loop body inlined into it (mark a large
-/// closure `#[inline(always)]`). Results do not depend on the width: the loops keep their own
-/// accumulation order. Used where it measured faster: BatchNorm's per-channel sums (the
-/// element-wise passes and the padded copies are bound by memory, and gained nothing).
+/// Runs `f` compiled for AVX-512 where the CPU has it, else for AVX2 + FMA (the crate builds
+/// for baseline x86-64, whose SSE2 handles four floats at a time), for a loop body inlined
+/// into it (mark a large closure or function `#[inline(always)]`). Results do not depend on
+/// the width: the loops keep their own accumulation order, and Rust never fuses a multiply
+/// and an add by itself. Used where it measured faster: BatchNorm's per-channel sums and the
+/// Winograd transforms (the element-wise passes and the padded copies are bound by memory,
+/// and gained nothing).
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -45,16 +48,33 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
         fn avx512<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let available = *AVX512.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("avx512vl")
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[derive(Clone, Copy, PartialEq)]
+        enum Level {
+            Avx512,
+            Avx2,
+            Baseline,
+        }
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        let level = *LEVEL.get_or_init(|| {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+                Level::Avx512
+            } else if has!("avx2") && has!("fma") {
+                Level::Avx2
+            } else {
+                Level::Baseline
+            }
         });
-        if available {
+        match level {
             // SAFETY: the CPU has every feature `avx512` is compiled for.
-            return unsafe { avx512(f) };
+            Level::Avx512 => return unsafe { avx512(f) },
+            // SAFETY: the CPU has every feature `avx2` is compiled for.
+            Level::Avx2 => return unsafe { avx2(f) },
+            Level::Baseline => {}
         }
     }
     f()
@@ -102,6 +122,13 @@ fn filled_by_runs(
             fill(i, values);
         })
     }
+}
+
+/// `values` as slots of uninitialised memory to copy from, for [`written_by_runs`] fills
+/// that copy (an initialised value is a valid `MaybeUninit`).
+fn as_slots(values: &[f32]) -> &[std::mem::MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the slice is only read.
+    unsafe { &*(values as *const [f32] as *const [std::mem::MaybeUninit<f32>]) }
 }
 
 /// The values of an f32 flex tensor in row-major order (copied only when it is strided).

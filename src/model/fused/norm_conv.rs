@@ -542,12 +542,14 @@ mod tests {
         };
         // A 3x3 stride-1 convolution (its input gradient a convolution), a strided one
         // (col2im), a 1x1 one (an unpadded input, normalised all the same), and a stem on
-        // three channels.
-        for (pair, cin, cout, kernel, stride) in [
-            (Pair::NormReluConv, 6, 8, 3, 1),
-            (Pair::NormReluConv, 6, 8, 3, 2),
-            (Pair::NormReluConv, 6, 8, 1, 1),
-            (Pair::ConvNormRelu, 3, 6, 3, 1),
+        // three channels; at an even size, the stride-1 ones take Winograd.
+        for (pair, cin, cout, kernel, stride, size) in [
+            (Pair::NormReluConv, 6, 8, 3, 1, 7),
+            (Pair::NormReluConv, 6, 8, 3, 1, 8),
+            (Pair::NormReluConv, 6, 8, 3, 2, 7),
+            (Pair::NormReluConv, 6, 8, 1, 1, 7),
+            (Pair::ConvNormRelu, 3, 6, 3, 1, 7),
+            (Pair::ConvNormRelu, 3, 6, 3, 1, 8),
         ] {
             let pad = kernel / 2;
             let conv = conv::test_conv([cin, cout], kernel, stride, pad, &device);
@@ -557,8 +559,12 @@ mod tests {
             };
             let gamma = Tensor::<1>::random([channels], Distribution::Uniform(0.5, 1.5), &device);
             let beta = Tensor::<1>::random([channels], Distribution::Uniform(-0.5, 0.5), &device);
-            let x = Tensor::<4>::random([4, cin, 7, 7], Distribution::Normal(0.5, 1.5), &device);
-            let side = (7 + 2 * pad - kernel) / stride + 1;
+            let x = Tensor::<4>::random(
+                [4, cin, size, size],
+                Distribution::Normal(0.5, 1.5),
+                &device,
+            );
+            let side = (size + 2 * pad - kernel) / stride + 1;
             let weights =
                 Tensor::<4>::random([4, cout, side, side], Distribution::Default, &device);
             for &precision in &precisions {
