@@ -888,8 +888,9 @@ pub(super) mod flex {
         let points = winograd::POINTS;
         let transformed = winograd::transform_weights(weights, [cout, cin]);
         let (th, tw) = (g.ho / 2, g.wo / 2);
-        // Tiles per GEMM: enough that its weights are packed rarely, few enough that the
-        // transformed tiles (`16 x C x tiles`, for the wider of C_in and C_out) stay near 4 MB.
+        // Tiles per GEMM: enough that each pass over its weights (read as they are) does much
+        // work, few enough that the transformed tiles (`16 x C x tiles`, for the wider of C_in
+        // and C_out) stay near 4 MB.
         let tiles = (WINOGRAD_VALUES / cin.max(cout)).clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
         let group = (tiles / (th * tw)).clamp(1, g.n);
         let tile_rows = (tiles / tw).clamp(1, th);

@@ -70,22 +70,24 @@ pub(super) fn transform_input(
         "tile rows beyond the padded rows"
     );
     let phase = pitch / 2;
-    // Each padded row with its even columns first and then its odd ones, so that the taps of
-    // a tile column are contiguous runs; then `B^T d` of a band of four such rows.
-    let mut split = vec![0.0f32; hp * pitch];
+    // The padded rows these tiles read, each with its even columns first and then its odd
+    // ones, so that the taps of a tile column are contiguous runs; then `B^T d` of a band of
+    // four such rows.
+    let read = (2 * first * pitch)..(2 * (first + rows) + 2) * pitch;
+    let mut split = vec![0.0f32; read.len()];
     let mut band = vec![0.0f32; 4 * pitch];
     for s in 0..count {
         for c in 0..cin {
             let plane = &padded[(s * cin + c) * hp * pitch..][..hp * pitch];
-            let needed = (2 * (first + rows) + 2) * pitch;
-            for (row, out) in plane[..needed]
+            for (row, out) in plane[read.clone()]
                 .chunks_exact(pitch)
                 .zip(split.chunks_exact_mut(pitch))
             {
                 deinterleave(row, out);
             }
             for ty in first..first + rows {
-                let (d0, rest) = split[2 * ty * pitch..][..4 * pitch].split_at(pitch);
+                let band_rows = &split[2 * (ty - first) * pitch..][..4 * pitch];
+                let (d0, rest) = band_rows.split_at(pitch);
                 let (d1, rest) = rest.split_at(pitch);
                 let (d2, d3) = rest.split_at(pitch);
                 let [b0, b1, b2, b3] = four(&mut band);
@@ -145,9 +147,8 @@ pub(super) fn transform_output(
     // columns each), then the four corners of `A^T m A`.
     let mut scratch = vec![0.0f32; 12 * tiles];
     for co in 0..cout {
-        let m: Vec<&[f32]> = (0..POINTS)
-            .map(|p| &products[(p * cout + co) * tiles..][..tiles])
-            .collect();
+        let m: [&[f32]; POINTS] =
+            std::array::from_fn(|p| &products[(p * cout + co) * tiles..][..tiles]);
         let (u, rest) = scratch.split_at_mut(4 * tiles);
         let (w, corners) = rest.split_at_mut(4 * tiles);
         for (j, (u, w)) in u
@@ -158,9 +159,9 @@ pub(super) fn transform_output(
             lanes3(u, m[j], m[4 + j], m[8 + j], |a, b, c| a + b + c);
             lanes3(w, m[4 + j], m[8 + j], m[12 + j], |a, b, c| a - b - c);
         }
-        let (u, w): (Vec<&[f32]>, Vec<&[f32]>) = (
-            u.chunks_exact(tiles).collect(),
-            w.chunks_exact(tiles).collect(),
+        let (u, w): ([&[f32]; 4], [&[f32]; 4]) = (
+            std::array::from_fn(|j| &u[j * tiles..][..tiles]),
+            std::array::from_fn(|j| &w[j * tiles..][..tiles]),
         );
         let [y00, y01, y10, y11] = four(corners);
         lanes3(y00, u[0], u[1], u[2], |a, b, c| a + b + c);
@@ -206,6 +207,7 @@ fn lanes3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32,
 }
 
 /// `out = [a0, b0, a1, b1, ...]`.
+#[inline(always)]
 fn interleave(out: &mut [f32], a: &[f32], b: &[f32]) {
     for ((pair, &a), &b) in out.chunks_exact_mut(2).zip(a).zip(b) {
         pair[0] = a;
