@@ -8,12 +8,26 @@
 //! and `A^T = [1 1 1 0; 0 1 -1 -1]`. The transforms only add and halve, so in f32 the result
 //! stays within a few units in the last place of the direct sum.
 //!
-//! Layouts: transformed weights `[16, C_out, C_in]` (the GEMM's `rhs`, `k` contiguous),
-//! transformed inputs `[16, C_in, tiles]` and products `[16, C_out, tiles]` (tiles
-//! contiguous: gemm reads them without packing).
+//! Layouts, channels innermost so that every transform works on whole vectors of channels,
+//! whatever the image size (a 4x4 image has two tiles a row): padded input `[count, hp, wp,
+//! C_in]`, transformed weights `[C_in, 16, C_out]`, transformed inputs `[16, tiles, C_in]` and
+//! products `[16, tiles, C_out]` (each point [`point_stride`] apart). The GEMM of point `p` is `[C_out, C_in] x [C_in, tiles]`:
+//! its `lhs` (weights) has `C_out` contiguous and its `rhs` has `k = C_in` contiguous, as gemm
+//! reads them best.
 
 /// Points of a transformed tile.
 pub(super) const POINTS: usize = 16;
+
+/// Floats from one point's transformed tiles (or products) to the next's: the `len` values
+/// of one point and a cache line more, so that the 16 points' streams, which the transforms
+/// read or write side by side, do not fall into the same L1 set (a power-of-two stride put
+/// all 16 into one 12-way set).
+pub(super) fn point_stride(len: usize) -> usize {
+    len + LANES
+}
+
+/// Channels per vector of the transforms: one AVX-512 register of f32.
+pub(super) const LANES: usize = 16;
 
 /// Whether F(2x2, 3x3) computes this convolution: a 3x3 kernel at stride 1, padding 1 (the
 /// output the size of the input), and an even output, so that whole 2x2 tiles cover it.
@@ -29,20 +43,29 @@ pub(super) fn applies(
         && out.iter().all(|&o| o >= 2 && o % 2 == 0)
 }
 
-/// `[C_out, C_in, 3, 3]` kernels as `G g G^T`, `[16, C_out, C_in]`.
+/// `[C_out, C_in, 3, 3]` kernels as `G g G^T`, `[C_in, 16, C_out]`: input channels in
+/// parallel, each one's 16 points a contiguous block (the GEMM of point `p` reads its
+/// `[C_out, C_in]` with `C_out` contiguous and input channels `16 C_out` apart).
 pub(super) fn transform_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
+    use rayon::prelude::*;
     assert_eq!(weights.len(), cout * cin * 9, "3x3 kernels");
-    let mut out = vec![0.0; POINTS * cout * cin];
-    for (pair, g) in weights.chunks_exact(9).enumerate() {
-        // `columns[j][i]` is `(G g)[i][j]`.
-        let columns: [[f32; 4]; 3] = std::array::from_fn(|j| g_times([g[j], g[3 + j], g[6 + j]]));
-        for i in 0..4 {
-            let row = g_times([columns[0][i], columns[1][i], columns[2][i]]);
-            for (j, v) in row.into_iter().enumerate() {
-                out[(i * 4 + j) * cout * cin + pair] = v;
+    let mut out = vec![0.0; cin * POINTS * cout];
+    out.par_chunks_mut(POINTS * cout)
+        .enumerate()
+        .for_each(|(ci, points)| {
+            for co in 0..cout {
+                let g = &weights[(co * cin + ci) * 9..][..9];
+                // `columns[j][i]` is `(G g)[i][j]`.
+                let columns: [[f32; 4]; 3] =
+                    std::array::from_fn(|j| g_times([g[j], g[3 + j], g[6 + j]]));
+                for i in 0..4 {
+                    let row = g_times([columns[0][i], columns[1][i], columns[2][i]]);
+                    for (j, v) in row.into_iter().enumerate() {
+                        points[(i * 4 + j) * cout + co] = v;
+                    }
+                }
             }
-        }
-    }
+        });
     out
 }
 
@@ -51,168 +74,276 @@ fn g_times([a, b, c]: [f32; 3]) -> [f32; 4] {
     [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
 }
 
-/// The tiles of output tile rows `first..first + rows` of `count` padded samples
-/// (`[count, C_in, hp, pitch]`, padding 1 included) as `B^T d B`, into `out`
-/// (`[16, C_in, tiles]`, tile `(s, ty, tx)` at `(s * rows + ty - first) * tw + tx`).
+/// The tiles of output tile rows `first..first + rows` of `count` padded channels-last samples
+/// (`[count, hp, wp, C]`, padding 1 included) as `B^T d B`, into `out` (`[16, tiles, C]`, tile
+/// `(s, ty, tx)` at `(s * rows + ty - first) * tw + tx`): only its rows `i0..i1` (points `4 i0..4
+/// i1`, which cost that share of the work), the first of them at the start of `out`.
 #[inline(always)]
 pub(super) fn transform_input(
     padded: &[f32],
-    [count, cin, hp, pitch]: [usize; 4],
+    [count, hp, wp, c]: [usize; 4],
     [first, rows]: [usize; 2],
     tw: usize,
+    [i0, i1]: [usize; 2],
     out: &mut [f32],
 ) {
     let tiles = count * rows * tw;
-    assert_eq!(out.len(), POINTS * cin * tiles, "transformed input size");
-    assert!(padded.len() >= count * cin * hp * pitch && pitch >= 2 * tw + 2 && pitch % 2 == 0);
+    let stride = point_stride(tiles * c);
+    assert!(i0 < i1 && i1 <= 4);
+    assert_eq!(out.len(), 4 * (i1 - i0) * stride, "transformed input size");
+    assert!(padded.len() >= count * hp * wp * c && wp >= 2 * tw + 2);
     assert!(
         2 * (first + rows) + 2 <= hp,
         "tile rows beyond the padded rows"
     );
-    let phase = pitch / 2;
-    // The padded rows these tiles read, each with its even columns first and then its odd
-    // ones, so that the taps of a tile column are contiguous runs; then `B^T d` of a band of
-    // four such rows.
-    let read = (2 * first * pitch)..(2 * (first + rows) + 2) * pitch;
-    let mut split = vec![0.0f32; read.len()];
-    let mut band = vec![0.0f32; 4 * pitch];
     for s in 0..count {
-        for c in 0..cin {
-            let plane = &padded[(s * cin + c) * hp * pitch..][..hp * pitch];
-            for (row, out) in plane[read.clone()]
-                .chunks_exact(pitch)
-                .zip(split.chunks_exact_mut(pitch))
-            {
-                deinterleave(row, out);
-            }
-            for ty in first..first + rows {
-                let band_rows = &split[2 * (ty - first) * pitch..][..4 * pitch];
-                let (d0, rest) = band_rows.split_at(pitch);
-                let (d1, rest) = rest.split_at(pitch);
-                let (d2, d3) = rest.split_at(pitch);
-                let [b0, b1, b2, b3] = four(&mut band);
-                lanes(b0, d0, d2, |a, b| a - b);
-                lanes(b1, d1, d2, |a, b| a + b);
-                lanes(b2, d2, d1, |a, b| a - b);
-                lanes(b3, d1, d3, |a, b| a - b);
-                let at = (s * rows + ty - first) * tw;
-                for (i, e) in band.chunks_exact(pitch).enumerate() {
-                    // Columns 2tx, 2tx + 2 (even) and 2tx + 1, 2tx + 3 (odd) of every tile.
-                    let (even, odd) = e.split_at(phase);
-                    let (e0, e1, o0, o1) = (&even[..tw], &even[1..=tw], &odd[..tw], &odd[1..=tw]);
-                    let run = |j: usize| {
-                        let at = ((i * 4 + j) * cin + c) * tiles + at;
-                        at..at + tw
-                    };
-                    let [p0, p1, p2, p3] = out
-                        .get_disjoint_mut([run(0), run(1), run(2), run(3)])
-                        .expect("the runs of four points are disjoint");
-                    lanes(p0, e0, e1, |a, b| a - b);
-                    lanes(p1, o0, e1, |a, b| a + b);
-                    lanes(p2, e1, o0, |a, b| a - b);
-                    lanes(p3, o0, o1, |a, b| a - b);
+        for ty in first..first + rows {
+            for tx in 0..tw {
+                let tile = (s * rows + ty - first) * tw + tx;
+                // Row `i` of the 4x4 patch: its four pixels' channels, contiguous.
+                let patch: [&[f32]; 4] = std::array::from_fn(|i| {
+                    &padded[((s * hp + 2 * ty + i) * wp + 2 * tx) * c..][..4 * c]
+                });
+                for c0 in (0..c).step_by(LANES) {
+                    let n = LANES.min(c - c0);
+                    let mut d = [[0.0f32; LANES]; POINTS];
+                    for (k, d) in d.iter_mut().enumerate() {
+                        *d = load(&patch[k / 4][(k % 4) * c + c0..], n);
+                    }
+                    let v = input_tile(&d, [i0, i1]);
+                    for (p, v) in v.iter().enumerate().take(4 * i1).skip(4 * i0) {
+                        store(&mut out[(p - 4 * i0) * stride + tile * c + c0..], v, n);
+                    }
                 }
             }
         }
     }
 }
 
-/// `row`'s even values into the first half of `out`, its odd ones into the second.
+/// The first `n` (at most [`LANES`]) values of `values` as a vector, zeros after them: a
+/// whole vector is a copy of fixed size (a few moves), a partial one goes value by value.
 #[inline(always)]
-fn deinterleave(row: &[f32], out: &mut [f32]) {
-    let half = out.len() / 2;
-    assert!(row.len() == 2 * half && out.len() == 2 * half);
-    let (even, odd) = out.split_at_mut(half);
-    for k in 0..half {
-        even[k] = row[2 * k];
-        odd[k] = row[2 * k + 1];
+pub(super) fn load(values: &[f32], n: usize) -> [f32; LANES] {
+    if n == LANES {
+        return values[..LANES].try_into().expect("a whole vector");
+    }
+    let mut vector = [0.0; LANES];
+    vector[..n].copy_from_slice(&values[..n]);
+    vector
+}
+
+/// The first `n` values of `vector` into the start of `out`, as [`load`] reads them.
+#[inline(always)]
+pub(super) fn store(out: &mut [f32], vector: &[f32; LANES], n: usize) {
+    if n == LANES {
+        out[..LANES].copy_from_slice(vector);
+        return;
+    }
+    for (o, &v) in out[..n].iter_mut().zip(vector) {
+        *o = v;
     }
 }
 
-/// The products (`[16, C_out, tiles]`, tiles as in [`transform_input`]) as `A^T m A`, each
+/// Rows `i0..i1` of `B^T d B` of one 4x4 patch (`d[4 * i + j]`: row `i`, column `j`), lane
+/// by lane, with `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`: row `i` of `B^T d`, then
+/// that row times `B`.
+#[inline(always)]
+fn input_tile(d: &[[f32; LANES]; POINTS], [i0, i1]: [usize; 2]) -> [[f32; LANES]; POINTS] {
+    let mut v = [[0.0f32; LANES]; POINTS];
+    for i in i0..i1 {
+        let mut t = [[0.0f32; LANES]; 4];
+        for (j, t) in t.iter_mut().enumerate() {
+            for (l, t) in t.iter_mut().enumerate() {
+                let [d0, d1, d2, d3] = [d[j][l], d[4 + j][l], d[8 + j][l], d[12 + j][l]];
+                *t = match i {
+                    0 => d0 - d2,
+                    1 => d1 + d2,
+                    2 => d2 - d1,
+                    _ => d1 - d3,
+                };
+            }
+        }
+        for l in 0..LANES {
+            let [t0, t1, t2, t3] = [t[0][l], t[1][l], t[2][l], t[3][l]];
+            v[4 * i][l] = t0 - t2;
+            v[4 * i + 1][l] = t1 + t2;
+            v[4 * i + 2][l] = t2 - t1;
+            v[4 * i + 3][l] = t1 - t3;
+        }
+    }
+    v
+}
+
+/// The products (`[16, tiles, C_out]`, tiles as in [`transform_input`]) as `A^T m A`, each
 /// tile's 2x2 outputs written into `out` (`[count, C_out, ho, wo]`) at output rows
-/// `2 * first..2 * (first + rows)`.
+/// `2 * first..2 * (first + rows)`; `band` holds one sample's outputs channels-last before
+/// they are transposed into `out`.
 #[inline(always)]
 pub(super) fn transform_output(
     products: &[f32],
     [count, cout, ho, wo]: [usize; 4],
     [first, rows]: [usize; 2],
+    band: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let tw = wo / 2;
     let tiles = count * rows * tw;
-    assert_eq!(products.len(), POINTS * cout * tiles, "products size");
+    let stride = point_stride(tiles * cout);
+    assert_eq!(products.len(), POINTS * stride, "products size");
     assert_eq!(out.len(), count * cout * ho * wo, "output size");
-    // For all tiles at once: the rows of `A^T m` (`u` the first, `w` the second, four
-    // columns each), then the four corners of `A^T m A`.
-    let mut scratch = vec![0.0f32; 12 * tiles];
-    for co in 0..cout {
-        let m: [&[f32]; POINTS] =
-            std::array::from_fn(|p| &products[(p * cout + co) * tiles..][..tiles]);
-        let (u, rest) = scratch.split_at_mut(4 * tiles);
-        let (w, corners) = rest.split_at_mut(4 * tiles);
-        for (j, (u, w)) in u
-            .chunks_exact_mut(tiles)
-            .zip(w.chunks_exact_mut(tiles))
-            .enumerate()
-        {
-            lanes3(u, m[j], m[4 + j], m[8 + j], |a, b, c| a + b + c);
-            lanes3(w, m[4 + j], m[8 + j], m[12 + j], |a, b, c| a - b - c);
+    // The output pixels of these tile rows, a contiguous run of each output plane.
+    let (pixels, start) = (2 * rows * wo, 2 * first * wo);
+    band.resize(pixels * cout, 0.0);
+    let band = &mut band[..pixels * cout];
+    for s in 0..count {
+        // `band[((2 (ty - first) + a) * wo + x) * C_out + co]`: output row `2 ty + a`,
+        // column `x`.
+        for ty in first..first + rows {
+            for tx in 0..tw {
+                let tile = (s * rows + ty - first) * tw + tx;
+                for c0 in (0..cout).step_by(LANES) {
+                    let n = LANES.min(cout - c0);
+                    let mut m = [[0.0f32; LANES]; POINTS];
+                    for (p, m) in m.iter_mut().enumerate() {
+                        *m = load(&products[p * stride + tile * cout + c0..], n);
+                    }
+                    for (k, y) in output_tile(&m).iter().enumerate() {
+                        let (a, b) = (k / 2, k % 2);
+                        let pixel = (2 * (ty - first) + a) * wo + 2 * tx + b;
+                        store(&mut band[pixel * cout + c0..], y, n);
+                    }
+                }
+            }
         }
-        let (u, w): ([&[f32]; 4], [&[f32]; 4]) = (
-            std::array::from_fn(|j| &u[j * tiles..][..tiles]),
-            std::array::from_fn(|j| &w[j * tiles..][..tiles]),
-        );
-        let [y00, y01, y10, y11] = four(corners);
-        lanes3(y00, u[0], u[1], u[2], |a, b, c| a + b + c);
-        lanes3(y01, u[1], u[2], u[3], |a, b, c| a - b - c);
-        lanes3(y10, w[0], w[1], w[2], |a, b, c| a + b + c);
-        lanes3(y11, w[1], w[2], w[3], |a, b, c| a - b - c);
-        let (y00, y01, y10, y11) = (&*y00, &*y01, &*y10, &*y11);
-        for s in 0..count {
-            let plane = &mut out[(s * cout + co) * ho * wo..][..ho * wo];
-            for ty in first..first + rows {
-                let run = (s * rows + ty - first) * tw..(s * rows + ty - first + 1) * tw;
-                let (top, bottom) = plane[2 * ty * wo..][..2 * wo].split_at_mut(wo);
-                interleave(top, &y00[run.clone()], &y01[run.clone()]);
-                interleave(bottom, &y10[run.clone()], &y11[run]);
+        let planes = &mut out[s * cout * ho * wo..][..cout * ho * wo];
+        for p0 in (0..pixels).step_by(LANES) {
+            let np = LANES.min(pixels - p0);
+            for c0 in (0..cout).step_by(LANES) {
+                let nc = LANES.min(cout - c0);
+                let mut block = [[0.0f32; LANES]; LANES];
+                for (i, row) in block.iter_mut().take(np).enumerate() {
+                    *row = load(&band[(p0 + i) * cout + c0..], nc);
+                }
+                super::transpose16(&mut block);
+                for (j, row) in block.iter().take(nc).enumerate() {
+                    store(&mut planes[(c0 + j) * ho * wo + start + p0..], row, np);
+                }
             }
         }
     }
 }
 
-/// Four equal quarters of `values`.
-fn four(values: &mut [f32]) -> [&mut [f32]; 4] {
-    let quarter = values.len() / 4;
-    let (a, rest) = values.split_at_mut(quarter);
-    let (b, rest) = rest.split_at_mut(quarter);
-    let (c, d) = rest.split_at_mut(quarter);
-    [a, b, c, d]
+/// `A^T m A` of one tile's products (`m[4 * i + j]`), lane by lane, with
+/// `A^T = [1 1 1 0; 0 1 -1 -1]`: the outputs `[y00, y01, y10, y11]`.
+#[inline(always)]
+fn output_tile(m: &[[f32; LANES]; POINTS]) -> [[f32; LANES]; 4] {
+    let mut y = [[0.0f32; LANES]; 4];
+    for l in 0..LANES {
+        // Rows of `A^T m`: `u` the first, `w` the second.
+        let (mut u, mut w) = ([0.0f32; 4], [0.0f32; 4]);
+        for j in 0..4 {
+            u[j] = m[j][l] + m[4 + j][l] + m[8 + j][l];
+            w[j] = m[4 + j][l] - m[8 + j][l] - m[12 + j][l];
+        }
+        y[0][l] = u[0] + u[1] + u[2];
+        y[1][l] = u[1] - u[2] - u[3];
+        y[2][l] = w[0] + w[1] + w[2];
+        y[3][l] = w[1] - w[2] - w[3];
+    }
+    y
 }
 
-/// `out[i] = f(a[i], b[i])`: a loop the compiler vectorises.
+/// The output gradient's 2x2 tiles at tile rows `first..first + rows` of `count` channels-last
+/// samples (`[count, ho, wo, C]`) as `A e A^T`, into `out` (`[16, tiles, C]`, laid out as
+/// [`transform_input`]'s): the weight gradient's F(3x3, 2x2), whose 16 products with the
+/// input's `B^T d B` (the forward's) summed over the tiles give `G^T M G`
+/// ([`weight_gradient_from_points`]).
+/// As there, only rows `i0..i1` of the points.
 #[inline(always)]
-fn lanes(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
-    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-        *o = f(a, b);
+pub(super) fn transform_output_grad(
+    grads: &[f32],
+    [count, ho, wo, c]: [usize; 4],
+    [first, rows]: [usize; 2],
+    [i0, i1]: [usize; 2],
+    out: &mut [f32],
+) {
+    let tw = wo / 2;
+    let tiles = count * rows * tw;
+    let stride = point_stride(tiles * c);
+    assert!(i0 < i1 && i1 <= 4);
+    assert_eq!(
+        out.len(),
+        4 * (i1 - i0) * stride,
+        "transformed gradient size"
+    );
+    assert!(grads.len() >= count * ho * wo * c && 2 * (first + rows) <= ho);
+    for s in 0..count {
+        for ty in first..first + rows {
+            for tx in 0..tw {
+                let tile = (s * rows + ty - first) * tw + tx;
+                // The tile's pixels `[e00, e01, e10, e11]`, each a run of channels.
+                let pixel = |a: usize, b: usize| ((s * ho + 2 * ty + a) * wo + 2 * tx + b) * c;
+                let at = [pixel(0, 0), pixel(0, 1), pixel(1, 0), pixel(1, 1)];
+                for c0 in (0..c).step_by(LANES) {
+                    let n = LANES.min(c - c0);
+                    let mut e = [[0.0f32; LANES]; 4];
+                    for (e, &at) in e.iter_mut().zip(&at) {
+                        *e = load(&grads[at + c0..], n);
+                    }
+                    let u = output_grad_tile(&e, [i0, i1]);
+                    for (p, u) in u.iter().enumerate().take(4 * i1).skip(4 * i0) {
+                        store(&mut out[(p - 4 * i0) * stride + tile * c + c0..], u, n);
+                    }
+                }
+            }
+        }
     }
 }
 
-/// `out[i] = f(a[i], b[i], c[i])`.
+/// Rows `i0..i1` of `A e A^T` of one 2x2 tile (`[e00, e01, e10, e11]`), lane by lane:
+/// `A v = [v0, v0 + v1, v0 - v1, -v1]` down each column, then along each row.
 #[inline(always)]
-fn lanes3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) {
-    for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
-        *o = f(a, b, c);
+fn output_grad_tile(e: &[[f32; LANES]; 4], [i0, i1]: [usize; 2]) -> [[f32; LANES]; POINTS] {
+    let mut u = [[0.0f32; LANES]; POINTS];
+    for l in 0..LANES {
+        let [e00, e01, e10, e11] = [e[0][l], e[1][l], e[2][l], e[3][l]];
+        let left = [e00, e00 + e10, e00 - e10, -e10];
+        let right = [e01, e01 + e11, e01 - e11, -e11];
+        for i in i0..i1 {
+            let (a, b) = (left[i], right[i]);
+            u[4 * i][l] = a;
+            u[4 * i + 1][l] = a + b;
+            u[4 * i + 2][l] = a - b;
+            u[4 * i + 3][l] = -b;
+        }
     }
+    u
 }
 
-/// `out = [a0, b0, a1, b1, ...]`.
-#[inline(always)]
-fn interleave(out: &mut [f32], a: &[f32], b: &[f32]) {
-    for ((pair, &a), &b) in out.chunks_exact_mut(2).zip(a).zip(b) {
-        pair[0] = a;
-        pair[1] = b;
-    }
+/// The weight gradient `[C_out, C_in, 3, 3]` from the sums over all tiles of the products of
+/// the transformed gradients and inputs, `[16, C_in, C_out]`: `G^T M G` for each pair of
+/// channels, with `G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1]`.
+pub(super) fn weight_gradient_from_points(sums: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert_eq!(sums.len(), POINTS * cin * cout, "sums size");
+    // `G^T v` of a 4-vector.
+    let gt = |[a, b, c, d]: [f32; 4]| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
+    let mut out = vec![0.0; cout * cin * 9];
+    out.par_chunks_mut(cin * 9)
+        .enumerate()
+        .for_each(|(co, kernels)| {
+            for (ci, kernel) in kernels.chunks_exact_mut(9).enumerate() {
+                let m = |p: usize| sums[(p * cin + ci) * cout + co];
+                // Columns of `G^T M`, then each of its three rows through `G^T` again.
+                let columns: [[f32; 3]; 4] =
+                    std::array::from_fn(|j| gt([m(j), m(4 + j), m(8 + j), m(12 + j)]));
+                for i in 0..3 {
+                    let row = gt([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
+                    kernel[3 * i..3 * i + 3].copy_from_slice(&row);
+                }
+            }
+        });
+    out
 }
 
 #[cfg(test)]
@@ -270,35 +401,40 @@ mod tests {
         cout: usize,
         chunk: usize,
     ) -> Vec<f32> {
-        let (hp, pitch) = (h + 2, w + 2);
-        let mut padded = vec![0.0; n * cin * hp * pitch];
-        for plane in 0..n * cin {
-            for y in 0..h {
-                for x_ in 0..w {
-                    padded[(plane * hp + y + 1) * pitch + x_ + 1] = x[(plane * h + y) * w + x_];
+        let (hp, wp) = (h + 2, w + 2);
+        let mut padded = vec![0.0; n * hp * wp * cin];
+        for s in 0..n {
+            for c in 0..cin {
+                for y in 0..h {
+                    for x_ in 0..w {
+                        padded[((s * hp + y + 1) * wp + x_ + 1) * cin + c] =
+                            x[((s * cin + c) * h + y) * w + x_];
+                    }
                 }
             }
         }
         let u = transform_weights(weights, [cout, cin]);
         let (th, tw) = (h / 2, w / 2);
         let mut out = vec![f32::NAN; n * cout * h * w];
+        let mut band = Vec::new();
         for first in (0..th).step_by(chunk) {
             let rows = chunk.min(th - first);
             let tiles = n * rows * tw;
-            let mut v = vec![f32::NAN; POINTS * cin * tiles];
-            transform_input(&padded, [n, cin, hp, pitch], [first, rows], tw, &mut v);
-            let mut m = vec![0.0; POINTS * cout * tiles];
+            let (v_stride, m_stride) = (point_stride(tiles * cin), point_stride(tiles * cout));
+            let mut v = vec![f32::NAN; POINTS * v_stride];
+            transform_input(&padded, [n, hp, wp, cin], [first, rows], tw, [0, 4], &mut v);
+            let mut m = vec![0.0; POINTS * m_stride];
             for p in 0..POINTS {
                 for co in 0..cout {
                     for c in 0..cin {
-                        let g = u[(p * cout + co) * cin + c];
+                        let g = u[(c * POINTS + p) * cout + co];
                         for t in 0..tiles {
-                            m[(p * cout + co) * tiles + t] += g * v[(p * cin + c) * tiles + t];
+                            m[p * m_stride + t * cout + co] += g * v[p * v_stride + t * cin + c];
                         }
                     }
                 }
             }
-            transform_output(&m, [n, cout, h, w], [first, rows], &mut out);
+            transform_output(&m, [n, cout, h, w], [first, rows], &mut band, &mut out);
         }
         out
     }
@@ -310,6 +446,8 @@ mod tests {
             ([2, 3, 4, 6], 5, 1),
             ([2, 3, 8, 8], 4, 3),
             ([1, 7, 6, 4], 2, 8),
+            // More channels than a vector of lanes, and not a multiple of it.
+            ([2, 19, 4, 4], 33, 1),
         ] {
             let [n, cin, h, w] = shape;
             let x = values(n * cin * h * w, 1);
@@ -321,6 +459,116 @@ mod tests {
             for (i, (a, b)) in ours.iter().zip(&exact).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{shape:?}[{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The weight gradient of the 3x3, stride-1, padding-1 cross-correlation as its
+    /// definition, in f64: `dW[co, c, i, j] = sum dy[s, co, y, x] x_pad[s, c, y + i, x + j]`.
+    fn direct_weight_gradient(
+        x: &[f32],
+        [n, cin, h, w]: [usize; 4],
+        dy: &[f32],
+        cout: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; cout * cin * 9];
+        for co in 0..cout {
+            for c in 0..cin {
+                for i in 0..3 {
+                    for j in 0..3 {
+                        let mut sum = 0.0f64;
+                        for s in 0..n {
+                            for y in 0..h {
+                                for x_ in 0..w {
+                                    let (py, px) = (y + i, x_ + j);
+                                    if py < 1 || px < 1 || py > h || px > w {
+                                        continue;
+                                    }
+                                    let v = x[((s * cin + c) * h + py - 1) * w + px - 1];
+                                    let e = dy[((s * cout + co) * h + y) * w + x_];
+                                    sum += f64::from(v) * f64::from(e);
+                                }
+                            }
+                        }
+                        out[((co * cin + c) * 3 + i) * 3 + j] = sum as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `[n, c, h, w]` as `[n, h + 2 pad, w + 2 pad, c]`, zeros around.
+    fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4], pad: usize) -> Vec<f32> {
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let mut out = vec![0.0; n * hp * wp * c];
+        for s in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    for x_ in 0..w {
+                        out[((s * hp + y + pad) * wp + x_ + pad) * c + ch] =
+                            x[((s * c + ch) * h + y) * w + x_];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn weight_gradient_matches_the_direct_sum() {
+        for (shape, cout, chunk) in [
+            ([1, 1, 2, 2], 1, 1),
+            ([2, 3, 4, 6], 5, 1),
+            ([3, 19, 6, 4], 33, 2),
+        ] {
+            let [n, cin, h, w] = shape;
+            let x = values(n * cin * h * w, 3);
+            let dy = values(n * cout * h * w, 4);
+            let (padded, grads) = (
+                channels_last(&x, shape, 1),
+                channels_last(&dy, [n, cout, h, w], 0),
+            );
+            let (th, tw) = (h / 2, w / 2);
+            let mut sums = vec![0.0f32; POINTS * cin * cout];
+            // Point rows one at a time, as the threads split them.
+            for (first, i) in (0..th)
+                .step_by(chunk)
+                .flat_map(|f| (0..4).map(move |i| (f, i)))
+            {
+                let rows = chunk.min(th - first);
+                let tiles = n * rows * tw;
+                let (v_stride, u_stride) = (point_stride(tiles * cin), point_stride(tiles * cout));
+                let mut v = vec![f32::NAN; 4 * v_stride];
+                let span = [first, rows];
+                transform_input(
+                    &padded,
+                    [n, h + 2, w + 2, cin],
+                    span,
+                    tw,
+                    [i, i + 1],
+                    &mut v,
+                );
+                let mut u = vec![f32::NAN; 4 * u_stride];
+                transform_output_grad(&grads, [n, h, w, cout], span, [i, i + 1], &mut u);
+                for p in 0..4 {
+                    for c in 0..cin {
+                        for co in 0..cout {
+                            for t in 0..tiles {
+                                sums[((4 * i + p) * cin + c) * cout + co] +=
+                                    u[p * u_stride + t * cout + co] * v[p * v_stride + t * cin + c];
+                            }
+                        }
+                    }
+                }
+            }
+            let ours = weight_gradient_from_points(&sums, [cout, cin]);
+            let exact = direct_weight_gradient(&x, shape, &dy, cout);
+            for (i, (a, b)) in ours.iter().zip(&exact).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (n * h * w) as f32,
                     "{shape:?}[{i}]: {a} vs {b}"
                 );
             }
