@@ -96,27 +96,54 @@ pub(super) fn transform_input(
         2 * (first + rows) + 2 <= hp,
         "tile rows beyond the padded rows"
     );
+    let mut points: Vec<&mut [f32]> = out.chunks_mut(stride).collect();
     for s in 0..count {
         for ty in first..first + rows {
             for tx in 0..tw {
                 let tile = (s * rows + ty - first) * tw + tx;
-                // Row `i` of the 4x4 patch: its four pixels' channels, contiguous.
-                let patch: [&[f32]; 4] = std::array::from_fn(|i| {
-                    &padded[((s * hp + 2 * ty + i) * wp + 2 * tx) * c..][..4 * c]
-                });
-                for c0 in (0..c).step_by(LANES) {
-                    let n = LANES.min(c - c0);
-                    let mut d = [[0.0f32; LANES]; POINTS];
-                    for (k, d) in d.iter_mut().enumerate() {
-                        *d = load(&patch[k / 4][(k % 4) * c + c0..], n);
-                    }
-                    let v = input_tile(&d, [i0, i1]);
-                    for (p, v) in v.iter().enumerate().take(4 * i1).skip(4 * i0) {
-                        store(&mut out[(p - 4 * i0) * stride + tile * c + c0..], v, n);
+                // Pixel `j` of row `i` of the 4x4 patch: a run of channels.
+                let d = |i: usize, j: usize| {
+                    &padded[((s * hp + 2 * ty + i) * wp + 2 * tx + j) * c..][..c]
+                };
+                let row = |i: usize| [d(i, 0), d(i, 1), d(i, 2), d(i, 3)];
+                for i in i0..i1 {
+                    let [v0, v1, v2, v3] = &mut points[4 * (i - i0)..4 * (i - i0 + 1)] else {
+                        unreachable!("four points a row")
+                    };
+                    let v = [v0, v1, v2, v3].map(|v| &mut v[tile * c..][..c]);
+                    // Row `i` of `B^T d`, then that row times `B`.
+                    match i {
+                        0 => input_row(row(0), row(2), v, |a, b| a - b),
+                        1 => input_row(row(1), row(2), v, |a, b| a + b),
+                        2 => input_row(row(2), row(1), v, |a, b| a - b),
+                        _ => input_row(row(1), row(3), v, |a, b| a - b),
                     }
                 }
             }
         }
+    }
+}
+
+/// One row of `B^T d B` over a run of channels: `t = f(a, b)` pixel by pixel (the row of
+/// `B^T d` from two rows of the patch), then `[t0 - t2, t1 + t2, t2 - t1, t1 - t3]`. A loop
+/// over the channels, which the compiler vectorises.
+#[inline(always)]
+fn input_row(a: [&[f32]; 4], b: [&[f32]; 4], v: [&mut [f32]; 4], f: impl Fn(f32, f32) -> f32) {
+    let n = v[0].len();
+    let [a0, a1, a2, a3] = a.map(|a| &a[..n]);
+    let [b0, b1, b2, b3] = b.map(|b| &b[..n]);
+    let [v0, v1, v2, v3] = v.map(|v| &mut v[..n]);
+    for k in 0..n {
+        let [t0, t1, t2, t3] = [
+            f(a0[k], b0[k]),
+            f(a1[k], b1[k]),
+            f(a2[k], b2[k]),
+            f(a3[k], b3[k]),
+        ];
+        v0[k] = t0 - t2;
+        v1[k] = t1 + t2;
+        v2[k] = t2 - t1;
+        v3[k] = t1 - t3;
     }
 }
 
@@ -142,36 +169,6 @@ pub(super) fn store(out: &mut [f32], vector: &[f32; LANES], n: usize) {
     for (o, &v) in out[..n].iter_mut().zip(vector) {
         *o = v;
     }
-}
-
-/// Rows `i0..i1` of `B^T d B` of one 4x4 patch (`d[4 * i + j]`: row `i`, column `j`), lane
-/// by lane, with `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`: row `i` of `B^T d`, then
-/// that row times `B`.
-#[inline(always)]
-fn input_tile(d: &[[f32; LANES]; POINTS], [i0, i1]: [usize; 2]) -> [[f32; LANES]; POINTS] {
-    let mut v = [[0.0f32; LANES]; POINTS];
-    for i in i0..i1 {
-        let mut t = [[0.0f32; LANES]; 4];
-        for (j, t) in t.iter_mut().enumerate() {
-            for (l, t) in t.iter_mut().enumerate() {
-                let [d0, d1, d2, d3] = [d[j][l], d[4 + j][l], d[8 + j][l], d[12 + j][l]];
-                *t = match i {
-                    0 => d0 - d2,
-                    1 => d1 + d2,
-                    2 => d2 - d1,
-                    _ => d1 - d3,
-                };
-            }
-        }
-        for l in 0..LANES {
-            let [t0, t1, t2, t3] = [t[0][l], t[1][l], t[2][l], t[3][l]];
-            v[4 * i][l] = t0 - t2;
-            v[4 * i + 1][l] = t1 + t2;
-            v[4 * i + 2][l] = t2 - t1;
-            v[4 * i + 3][l] = t1 - t3;
-        }
-    }
-    v
 }
 
 /// The products (`[16, tiles, C_out]`, tiles as in [`transform_input`]) as `A^T m A`, each
@@ -201,18 +198,13 @@ pub(super) fn transform_output(
         for ty in first..first + rows {
             for tx in 0..tw {
                 let tile = (s * rows + ty - first) * tw + tx;
-                for c0 in (0..cout).step_by(LANES) {
-                    let n = LANES.min(cout - c0);
-                    let mut m = [[0.0f32; LANES]; POINTS];
-                    for (p, m) in m.iter_mut().enumerate() {
-                        *m = load(&products[p * stride + tile * cout + c0..], n);
-                    }
-                    for (k, y) in output_tile(&m).iter().enumerate() {
-                        let (a, b) = (k / 2, k % 2);
-                        let pixel = (2 * (ty - first) + a) * wo + 2 * tx + b;
-                        store(&mut band[pixel * cout + c0..], y, n);
-                    }
-                }
+                let m: [&[f32]; POINTS] =
+                    std::array::from_fn(|p| &products[p * stride + tile * cout..][..cout]);
+                let pixel = |a: usize| (2 * (ty - first) + a) * wo + 2 * tx;
+                let (top, bottom) = band.split_at_mut(pixel(1) * cout);
+                let (y00, y01) = top[pixel(0) * cout..][..2 * cout].split_at_mut(cout);
+                let (y10, y11) = bottom[..2 * cout].split_at_mut(cout);
+                output_run(m, [y00, y01, y10, y11]);
             }
         }
         let planes = &mut out[s * cout * ho * wo..][..cout * ho * wo];
@@ -233,24 +225,22 @@ pub(super) fn transform_output(
     }
 }
 
-/// `A^T m A` of one tile's products (`m[4 * i + j]`), lane by lane, with
-/// `A^T = [1 1 1 0; 0 1 -1 -1]`: the outputs `[y00, y01, y10, y11]`.
+/// `A^T m A` of one tile's products (`m[4 * i + j]`, runs of channels), with
+/// `A^T = [1 1 1 0; 0 1 -1 -1]`: the outputs `[y00, y01, y10, y11]`, channel by channel.
 #[inline(always)]
-fn output_tile(m: &[[f32; LANES]; POINTS]) -> [[f32; LANES]; 4] {
-    let mut y = [[0.0f32; LANES]; 4];
-    for l in 0..LANES {
+fn output_run(m: [&[f32]; POINTS], y: [&mut [f32]; 4]) {
+    let n = y[0].len();
+    let m = m.map(|m| &m[..n]);
+    let [y00, y01, y10, y11] = y.map(|y| &mut y[..n]);
+    for k in 0..n {
         // Rows of `A^T m`: `u` the first, `w` the second.
-        let (mut u, mut w) = ([0.0f32; 4], [0.0f32; 4]);
-        for j in 0..4 {
-            u[j] = m[j][l] + m[4 + j][l] + m[8 + j][l];
-            w[j] = m[4 + j][l] - m[8 + j][l] - m[12 + j][l];
-        }
-        y[0][l] = u[0] + u[1] + u[2];
-        y[1][l] = u[1] - u[2] - u[3];
-        y[2][l] = w[0] + w[1] + w[2];
-        y[3][l] = w[1] - w[2] - w[3];
+        let u: [f32; 4] = std::array::from_fn(|j| m[j][k] + m[4 + j][k] + m[8 + j][k]);
+        let w: [f32; 4] = std::array::from_fn(|j| m[4 + j][k] - m[8 + j][k] - m[12 + j][k]);
+        y00[k] = u[0] + u[1] + u[2];
+        y01[k] = u[1] - u[2] - u[3];
+        y10[k] = w[0] + w[1] + w[2];
+        y11[k] = w[1] - w[2] - w[3];
     }
-    y
 }
 
 /// The output gradient's 2x2 tiles at tile rows `first..first + rows` of `count` channels-last
@@ -277,22 +267,27 @@ pub(super) fn transform_output_grad(
         "transformed gradient size"
     );
     assert!(grads.len() >= count * ho * wo * c && 2 * (first + rows) <= ho);
+    let mut points: Vec<&mut [f32]> = out.chunks_mut(stride).collect();
     for s in 0..count {
         for ty in first..first + rows {
             for tx in 0..tw {
                 let tile = (s * rows + ty - first) * tw + tx;
-                // The tile's pixels `[e00, e01, e10, e11]`, each a run of channels.
-                let pixel = |a: usize, b: usize| ((s * ho + 2 * ty + a) * wo + 2 * tx + b) * c;
-                let at = [pixel(0, 0), pixel(0, 1), pixel(1, 0), pixel(1, 1)];
-                for c0 in (0..c).step_by(LANES) {
-                    let n = LANES.min(c - c0);
-                    let mut e = [[0.0f32; LANES]; 4];
-                    for (e, &at) in e.iter_mut().zip(&at) {
-                        *e = load(&grads[at + c0..], n);
-                    }
-                    let u = output_grad_tile(&e, [i0, i1]);
-                    for (p, u) in u.iter().enumerate().take(4 * i1).skip(4 * i0) {
-                        store(&mut out[(p - 4 * i0) * stride + tile * c + c0..], u, n);
+                // The tile's pixel `(a, b)`: a run of channels.
+                let e = |a: usize, b: usize| {
+                    &grads[((s * ho + 2 * ty + a) * wo + 2 * tx + b) * c..][..c]
+                };
+                let (top, bottom) = ([e(0, 0), e(0, 1)], [e(1, 0), e(1, 1)]);
+                for i in i0..i1 {
+                    let [u0, u1, u2, u3] = &mut points[4 * (i - i0)..4 * (i - i0 + 1)] else {
+                        unreachable!("four points a row")
+                    };
+                    let u = [u0, u1, u2, u3].map(|u| &mut u[tile * c..][..c]);
+                    // Row `i` of `A e`: `A v = [v0, v0 + v1, v0 - v1, -v1]` down each column.
+                    match i {
+                        0 => output_grad_row(top, bottom, u, |a, _| a),
+                        1 => output_grad_row(top, bottom, u, |a, b| a + b),
+                        2 => output_grad_row(top, bottom, u, |a, b| a - b),
+                        _ => output_grad_row(top, bottom, u, |_, b| -b),
                     }
                 }
             }
@@ -300,24 +295,26 @@ pub(super) fn transform_output_grad(
     }
 }
 
-/// Rows `i0..i1` of `A e A^T` of one 2x2 tile (`[e00, e01, e10, e11]`), lane by lane:
-/// `A v = [v0, v0 + v1, v0 - v1, -v1]` down each column, then along each row.
+/// One row of `A e A^T` over a run of channels: `(l, r) = (f(e00, e10), f(e01, e11))` (the
+/// row of `A e`), then `[l, l + r, l - r, -r]`.
 #[inline(always)]
-fn output_grad_tile(e: &[[f32; LANES]; 4], [i0, i1]: [usize; 2]) -> [[f32; LANES]; POINTS] {
-    let mut u = [[0.0f32; LANES]; POINTS];
-    for l in 0..LANES {
-        let [e00, e01, e10, e11] = [e[0][l], e[1][l], e[2][l], e[3][l]];
-        let left = [e00, e00 + e10, e00 - e10, -e10];
-        let right = [e01, e01 + e11, e01 - e11, -e11];
-        for i in i0..i1 {
-            let (a, b) = (left[i], right[i]);
-            u[4 * i][l] = a;
-            u[4 * i + 1][l] = a + b;
-            u[4 * i + 2][l] = a - b;
-            u[4 * i + 3][l] = -b;
-        }
+fn output_grad_row(
+    top: [&[f32]; 2],
+    bottom: [&[f32]; 2],
+    u: [&mut [f32]; 4],
+    f: impl Fn(f32, f32) -> f32,
+) {
+    let n = u[0].len();
+    let [e00, e01] = top.map(|e| &e[..n]);
+    let [e10, e11] = bottom.map(|e| &e[..n]);
+    let [u0, u1, u2, u3] = u.map(|u| &mut u[..n]);
+    for k in 0..n {
+        let (l, r) = (f(e00[k], e10[k]), f(e01[k], e11[k]));
+        u0[k] = l;
+        u1[k] = l + r;
+        u2[k] = l - r;
+        u3[k] = -r;
     }
-    u
 }
 
 /// The weight gradient `[C_out, C_in, 3, 3]` from the sums over all tiles of the products of
