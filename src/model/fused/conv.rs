@@ -949,11 +949,11 @@ pub(super) mod flex {
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
     }
 
-    /// Whether [`convolve`] takes [`winograd_convolve`] (f32 only: in bf16 the AMX tiles
-    /// have products to spare). Its transforms cost per value and per output row, what it
-    /// saves grows with the channels: measured, every 3x3 layer of a ResNet-18 gains at width
-    /// 1 (channels x output width 2,048: inference 1.2x) and every one loses at width 0.25
-    /// (512: the step 0.85x).
+    /// Whether [`convolve`] takes [`winograd_convolve`] (and [`weight_grad`] its F(3x3, 2x2);
+    /// f32 only: in bf16 the AMX tiles have products to spare). Its transforms and copies cost
+    /// per value, what it saves grows with the channels: measured, every 3x3 layer of a
+    /// ResNet-18 gains at width 1 (channels x output width 2,048) and none at width 0.25
+    /// (512: the step 0.85x with the first transforms, 0.99x with the channels-last ones).
     fn takes_winograd(g: &Geometry) -> bool {
         winograd::applies([g.kh, g.kw], g.stride, g.pad, [g.ho, g.wo])
             && g.cin.min(g.cout) * g.wo >= WINOGRAD_MIN_WORK

@@ -2,7 +2,8 @@
 //! training mode (forward and backward in one pass each, with a following ReLU or residual
 //! add + ReLU fused in) and the convolution (forward, input and weight gradients on GEMM; in
 //! inference too), whose GEMMs run on AMX tiles in bf16 under `--precision bf16` ([`amx`]), and
-//! in f32 by Winograd's F(2x2, 3x3) for the 3x3 stride-1 layers of wide models (`winograd`).
+//! in f32 by Winograd's F(2x2, 3x3) for the 3x3 stride-1 layers of wide models, their weight
+//! gradients by F(3x3, 2x2) (`winograd`).
 //! Each is a burn backend extension with a hand-written backward; on any other backend, in bf16
 //! without AMX, or when switched off, burn's own module forward runs instead, and burn's ops
 //! are the reference in the tests.
