@@ -97,10 +97,12 @@ fn level() -> Level {
 #[inline(always)]
 fn transpose16(block: &mut [[f32; 16]; 16]) {
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 {
+    match level() {
         // SAFETY: the CPU has AVX-512F.
-        unsafe { transpose16_avx512(block) };
-        return;
+        Level::Avx512 => return unsafe { transpose16_avx512(block) },
+        // SAFETY: the CPU has AVX2.
+        Level::Avx2 => return unsafe { transpose16_avx2(block) },
+        Level::Baseline => {}
     }
     transpose16_scalar(block);
 }
@@ -110,6 +112,57 @@ fn transpose16_scalar(block: &mut [[f32; 16]; 16]) {
     for (r, row) in block.iter_mut().enumerate() {
         for (c, v) in row.iter_mut().enumerate() {
             *v = copy[c][r];
+        }
+    }
+}
+
+/// Four 8 x 8 transposes (unpack, shuffle, swap of 128-bit halves), the off-diagonal blocks
+/// stored in each other's place.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn transpose16_avx2(block: &mut [[f32; 16]; 16]) {
+    use std::arch::x86_64::{
+        __m256, _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps, _mm256_storeu_ps,
+        _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transposed(block: &[[f32; 16]; 16], [r0, c0]: [usize; 2]) -> [__m256; 8] {
+        // SAFETY: each load reads 8 floats of a row of 16, from column 0 or 8.
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block[r0 + i][c0..].as_ptr()) });
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // Within each half of four rows: rows 4h + j from `t`'s pairs.
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (h, j) = (i / 4, i % 4);
+            let (a, b) = (t[4 * h + j / 2], t[4 * h + 2 + j / 2]);
+            if j % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        std::array::from_fn(|i| {
+            let (a, b) = (u[i % 4], u[4 + i % 4]);
+            if i < 4 {
+                _mm256_permute2f128_ps::<0x20>(a, b)
+            } else {
+                _mm256_permute2f128_ps::<0x31>(a, b)
+            }
+        })
+    }
+    let blocks = [[0, 0], [0, 8], [8, 0], [8, 8]].map(|at| transposed(block, at));
+    for (rows, [r0, c0]) in blocks.iter().zip([[0, 0], [8, 0], [0, 8], [8, 8]]) {
+        for (i, row) in rows.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { _mm256_storeu_ps(block[r0 + i][c0..].as_mut_ptr(), *row) };
         }
     }
 }
@@ -260,9 +313,14 @@ fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> burn_flex::FlexTensor
 mod tests {
     #[test]
     fn transpose16_swaps_rows_and_columns() {
-        // Both ways: AVX-512 where this CPU has it, and value by value.
-        let transposes: [fn(&mut [[f32; 16]; 16]); 2] =
-            [super::transpose16, super::transpose16_scalar];
+        // Every way this CPU can: AVX-512 (the dispatch), AVX2, and value by value.
+        let mut transposes: Vec<fn(&mut [[f32; 16]; 16])> =
+            vec![super::transpose16, super::transpose16_scalar];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            transposes.push(|block| unsafe { super::transpose16_avx2(block) });
+        }
         for transpose in transposes {
             let mut block: [[f32; 16]; 16] =
                 std::array::from_fn(|r| std::array::from_fn(|c| (r * 16 + c) as f32));
