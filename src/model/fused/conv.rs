@@ -980,74 +980,78 @@ pub(super) mod flex {
         let group = (tiles / (th * tw)).clamp(1, g.n);
         let tile_rows = (tiles / tw).clamp(1, th);
         let (hp, wp) = (g.h + 2, g.w + 2);
-        filled_by_runs(
-            g.n * cout * positions,
-            group * cout * positions,
-            |index, block| {
-                let count = block.len() / (cout * positions);
-                with_scratch(|scratch| {
-                    let padded = wide(
-                        #[inline(always)]
-                        || {
-                            g.padded_channels_last(
-                                xs,
-                                [index * group, count],
-                                &mut scratch.padded,
-                                norm,
-                            )
-                        },
-                    );
-                    for first in (0..th).step_by(tile_rows) {
-                        let rows = tile_rows.min(th - first);
-                        let tiles = count * rows * tw;
-                        let (in_stride, out_stride) = (
-                            winograd::point_stride(tiles * cin),
-                            winograd::point_stride(tiles * cout),
-                        );
-                        let inputs = prefix(&mut scratch.columns, points * in_stride);
-                        wide(
+        // SAFETY: the output transform writes every slot of its tile rows, and the tile rows
+        // cover the block.
+        unsafe {
+            written_by_runs(
+                g.n * cout * positions,
+                group * cout * positions,
+                |index, block| {
+                    let count = block.len() / (cout * positions);
+                    with_scratch(|scratch| {
+                        let padded = wide(
                             #[inline(always)]
                             || {
-                                winograd::transform_input(
-                                    padded,
-                                    [count, hp, wp, cin],
-                                    [first, rows],
-                                    tw,
-                                    [0, 4],
-                                    inputs,
+                                g.padded_channels_last(
+                                    xs,
+                                    [index * group, count],
+                                    &mut scratch.padded,
+                                    norm,
                                 )
                             },
                         );
-                        let products = prefix(&mut scratch.product, points * out_stride);
-                        for p in 0..points {
-                            gemm_into(
-                                &mut products[p * out_stride..][..tiles * cout],
-                                [1, cout],
-                                [cout, tiles, cin],
-                                &transformed[p * cout..],
-                                [1, points * cout],
-                                &inputs[p * in_stride..][..tiles * cin],
-                                [1, cin],
-                                false,
-                                gemm::Parallelism::None,
+                        for first in (0..th).step_by(tile_rows) {
+                            let rows = tile_rows.min(th - first);
+                            let tiles = count * rows * tw;
+                            let (in_stride, out_stride) = (
+                                winograd::point_stride(tiles * cin),
+                                winograd::point_stride(tiles * cout),
+                            );
+                            let inputs = prefix(&mut scratch.columns, points * in_stride);
+                            wide(
+                                #[inline(always)]
+                                || {
+                                    winograd::transform_input(
+                                        padded,
+                                        [count, hp, wp, cin],
+                                        [first, rows],
+                                        tw,
+                                        [0, 4],
+                                        inputs,
+                                    )
+                                },
+                            );
+                            let products = prefix(&mut scratch.product, points * out_stride);
+                            for p in 0..points {
+                                gemm_into(
+                                    &mut products[p * out_stride..][..tiles * cout],
+                                    [1, cout],
+                                    [cout, tiles, cin],
+                                    &transformed[p * cout..],
+                                    [1, points * cout],
+                                    &inputs[p * in_stride..][..tiles * cin],
+                                    [1, cin],
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            wide(
+                                #[inline(always)]
+                                || {
+                                    winograd::transform_output(
+                                        products,
+                                        [count, cout, g.ho, g.wo],
+                                        [first, rows],
+                                        &mut scratch.band,
+                                        block,
+                                    )
+                                },
                             );
                         }
-                        wide(
-                            #[inline(always)]
-                            || {
-                                winograd::transform_output(
-                                    products,
-                                    [count, cout, g.ho, g.wo],
-                                    [first, rows],
-                                    &mut scratch.band,
-                                    block,
-                                )
-                            },
-                        );
-                    }
-                })
-            },
-        )
+                    })
+                },
+            )
+        }
     }
 
     /// [`weight_grad`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(3x3, 2x2)

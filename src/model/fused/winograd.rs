@@ -18,6 +18,8 @@
 /// Points of a transformed tile.
 pub(super) const POINTS: usize = 16;
 
+use std::mem::MaybeUninit;
+
 /// Floats from one point's transformed tiles (or products) to the next's: the `len` values
 /// of one point and a cache line more, so that the 16 points' streams, which the transforms
 /// read or write side by side, do not fall into the same L1 set (a power-of-two stride put
@@ -171,9 +173,23 @@ pub(super) fn store(out: &mut [f32], vector: &[f32; LANES], n: usize) {
     }
 }
 
+/// As [`store`], into slots of uninitialised memory.
+#[inline(always)]
+fn store_slots(out: &mut [MaybeUninit<f32>], vector: &[f32; LANES], n: usize) {
+    if n == LANES {
+        let out: &mut [MaybeUninit<f32>; LANES] =
+            (&mut out[..LANES]).try_into().expect("a whole vector");
+        *out = vector.map(MaybeUninit::new);
+        return;
+    }
+    for (o, &v) in out[..n].iter_mut().zip(vector) {
+        o.write(v);
+    }
+}
+
 /// The products (`[16, tiles, C_out]`, tiles as in [`transform_input`]) as `A^T m A`, each
-/// tile's 2x2 outputs written into `out` (`[count, C_out, ho, wo]`) at output rows
-/// `2 * first..2 * (first + rows)`; `band` holds one sample's outputs channels-last before
+/// tile's 2x2 outputs written into `out` (`[count, C_out, ho, wo]`: every slot of output rows
+/// `2 * first..2 * (first + rows)`, so that it need not be zeroed first); `band` holds one sample's outputs channels-last before
 /// they are transposed into `out`.
 #[inline(always)]
 pub(super) fn transform_output(
@@ -181,7 +197,7 @@ pub(super) fn transform_output(
     [count, cout, ho, wo]: [usize; 4],
     [first, rows]: [usize; 2],
     band: &mut Vec<f32>,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let tw = wo / 2;
     let tiles = count * rows * tw;
@@ -218,7 +234,7 @@ pub(super) fn transform_output(
                 }
                 super::transpose16(&mut block);
                 for (j, row) in block.iter().take(nc).enumerate() {
-                    store(&mut planes[(c0 + j) * ho * wo + start + p0..], row, np);
+                    store_slots(&mut planes[(c0 + j) * ho * wo + start + p0..], row, np);
                 }
             }
         }
@@ -326,17 +342,23 @@ pub(super) fn weight_gradient_from_points(sums: &[f32], [cout, cin]: [usize; 2])
     // `G^T v` of a 4-vector.
     let gt = |[a, b, c, d]: [f32; 4]| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
     let mut out = vec![0.0; cout * cin * 9];
-    out.par_chunks_mut(cin * 9)
+    // Blocks of output channels: the sums are read in runs of the block's channels, and each
+    // channel's kernels written in order.
+    const BLOCK: usize = 16;
+    out.par_chunks_mut(BLOCK * cin * 9)
         .enumerate()
-        .for_each(|(co, kernels)| {
-            for (ci, kernel) in kernels.chunks_exact_mut(9).enumerate() {
-                let m = |p: usize| sums[(p * cin + ci) * cout + co];
-                // Columns of `G^T M`, then each of its three rows through `G^T` again.
-                let columns: [[f32; 3]; 4] =
-                    std::array::from_fn(|j| gt([m(j), m(4 + j), m(8 + j), m(12 + j)]));
-                for i in 0..3 {
-                    let row = gt([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
-                    kernel[3 * i..3 * i + 3].copy_from_slice(&row);
+        .for_each(|(block, kernels)| {
+            let co0 = block * BLOCK;
+            for ci in 0..cin {
+                for (k, kernels) in kernels.chunks_exact_mut(cin * 9).enumerate() {
+                    let m = |p: usize| sums[(p * cin + ci) * cout + co0 + k];
+                    // Columns of `G^T M`, then each of its three rows through `G^T` again.
+                    let columns: [[f32; 3]; 4] =
+                        std::array::from_fn(|j| gt([m(j), m(4 + j), m(8 + j), m(12 + j)]));
+                    for i in 0..3 {
+                        let row = gt([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
+                        kernels[ci * 9 + 3 * i..][..3].copy_from_slice(&row);
+                    }
                 }
             }
         });
@@ -412,7 +434,7 @@ mod tests {
         }
         let u = transform_weights(weights, [cout, cin]);
         let (th, tw) = (h / 2, w / 2);
-        let mut out = vec![f32::NAN; n * cout * h * w];
+        let mut out = vec![MaybeUninit::new(f32::NAN); n * cout * h * w];
         let mut band = Vec::new();
         for first in (0..th).step_by(chunk) {
             let rows = chunk.min(th - first);
@@ -433,7 +455,10 @@ mod tests {
             }
             transform_output(&m, [n, cout, h, w], [first, rows], &mut band, &mut out);
         }
-        out
+        // SAFETY: initialised to NaN (and then written by the transform).
+        out.into_iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect()
     }
 
     #[test]
