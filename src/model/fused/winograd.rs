@@ -8,17 +8,21 @@
 //! and `A^T = [1 1 1 0; 0 1 -1 -1]`. The transforms only add and halve, so in f32 the result
 //! stays within a few units in the last place of the direct sum.
 //!
-//! Layouts, channels innermost so that every transform works on whole vectors of channels,
+//! The weight gradient takes F(3x3, 2x2) over the same tiles: `dW = G^T [ sum over tiles of
+//! (A e A^T) (.) (B^T d B) ] G` with `e` a 2x2 tile of the output gradient (the forward's input
+//! transform, `A` and `G` swapping roles; [`transform_output_grad`]).
+//!
+//! Layouts, channels innermost so that every transform works on whole runs of channels,
 //! whatever the image size (a 4x4 image has two tiles a row): padded input `[count, hp, wp,
 //! C_in]`, transformed weights `[C_in, 16, C_out]`, transformed inputs `[16, tiles, C_in]` and
-//! products `[16, tiles, C_out]` (each point [`point_stride`] apart). The GEMM of point `p` is `[C_out, C_in] x [C_in, tiles]`:
-//! its `lhs` (weights) has `C_out` contiguous and its `rhs` has `k = C_in` contiguous, as gemm
-//! reads them best.
+//! products `[16, tiles, C_out]` (each point [`point_stride`] apart). The GEMM of point `p` is
+//! `[C_out, C_in] x [C_in, tiles]`: its `lhs` (weights) has `C_out` contiguous and its `rhs`
+//! has `k = C_in` contiguous, as gemm reads them best.
+
+use std::mem::MaybeUninit;
 
 /// Points of a transformed tile.
 pub(super) const POINTS: usize = 16;
-
-use std::mem::MaybeUninit;
 
 /// Floats from one point's transformed tiles (or products) to the next's: the `len` values
 /// of one point and a cache line more, so that the 16 points' streams, which the transforms
@@ -28,7 +32,8 @@ pub(super) fn point_stride(len: usize) -> usize {
     len + LANES
 }
 
-/// Channels per vector of the transforms: one AVX-512 register of f32.
+/// Values per block of the 16 x 16 transposes between layouts (and of [`load`] and
+/// [`store`]): one AVX-512 register of f32.
 pub(super) const LANES: usize = 16;
 
 /// Whether F(2x2, 3x3) computes this convolution: a 3x3 kernel at stride 1, padding 1 (the
