@@ -318,6 +318,21 @@ pub(super) mod flex {
             }
         }
 
+        /// The blocks of a Winograd convolution or weight gradient, `[samples, tile rows]`: a
+        /// block of several samples for small images, else of some tile rows of one sample.
+        /// Tiles per block: enough that each pass over the weights does much work, few enough
+        /// that the transformed tiles (`16 x C x tiles`, for the wider of C_in and C_out) stay
+        /// near 4 MB.
+        fn winograd_blocks(&self) -> [usize; 2] {
+            let (th, tw) = (self.ho / 2, self.wo / 2);
+            let tiles = (WINOGRAD_VALUES / self.cin.max(self.cout))
+                .clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
+            [
+                (tiles / (th * tw)).clamp(1, self.n),
+                (tiles / tw).clamp(1, th),
+            ]
+        }
+
         /// Samples `first..first + count` padded for a stride-1 convolution with channels last
         /// (`[count, H + 2 pad_h, W + 2 pad_w, C_in]`), each value through `norm` when given,
         /// for [`winograd_convolve`].
@@ -527,7 +542,8 @@ pub(super) mod flex {
         padded: Vec<f32>,
         columns: Vec<f32>,
         product: Vec<f32>,
-        /// Winograd: one tile row of outputs, channels last.
+        /// Winograd: a block's outputs channels-last before their transpose (forward), or its
+        /// output gradient channels-last (weight gradient).
         band: Vec<f32>,
         /// In bf16: the padded input in channel pairs, a row of their im2col, the tile packed.
         pairs: Vec<u16>,
@@ -961,8 +977,8 @@ pub(super) mod flex {
 
     /// [`convolve`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(2x2, 3x3)
     /// ([`winograd`]): per block of samples (or of tile rows, for large images), the padded
-    /// input transformed, 16 single-threaded GEMMs `[tiles, C_in] x [C_in, C_out]`, and their
-    /// products transformed into the output.
+    /// input copied channels-last and transformed, 16 single-threaded GEMMs
+    /// `[C_out, C_in] x [C_in, tiles]`, and their products transformed into the output.
     fn winograd_convolve(
         g: &Geometry,
         xs: &[f32],
@@ -973,12 +989,7 @@ pub(super) mod flex {
         let points = winograd::POINTS;
         let transformed = winograd::transform_weights(weights, [cout, cin]);
         let (th, tw) = (g.ho / 2, g.wo / 2);
-        // Tiles per GEMM: enough that each pass over its weights (read as they are) does much
-        // work, few enough that the transformed tiles (`16 x C x tiles`, for the wider of C_in
-        // and C_out) stay near 4 MB.
-        let tiles = (WINOGRAD_VALUES / cin.max(cout)).clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
-        let group = (tiles / (th * tw)).clamp(1, g.n);
-        let tile_rows = (tiles / tw).clamp(1, th);
+        let [group, tile_rows] = g.winograd_blocks();
         let (hp, wp) = (g.h + 2, g.w + 2);
         // SAFETY: the output transform writes every slot of its tile rows, and the tile rows
         // cover the block.
@@ -1071,9 +1082,7 @@ pub(super) mod flex {
     ) -> Vec<f32> {
         let (cin, cout, positions) = (g.cin, g.cout, g.positions());
         let (th, tw) = (g.ho / 2, g.wo / 2);
-        let tiles = (WINOGRAD_VALUES / cin.max(cout)).clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
-        let group = (tiles / (th * tw)).clamp(1, g.n);
-        let tile_rows = (tiles / tw).clamp(1, th);
+        let [group, tile_rows] = g.winograd_blocks();
         let (hp, wp) = (g.h + 2, g.w + 2);
         let size = winograd::POINTS * cin * cout;
         // Adds point rows `i0..i1` of the blocks of samples from `first` on, `step` apart, into

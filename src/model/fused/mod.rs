@@ -92,8 +92,8 @@ fn level() -> Level {
 
 /// Transposes a 16 x 16 block in place: the Winograd convolution's layout changes between
 /// channel planes and channels-last pixels. With AVX-512, four rounds of two-register
-/// permutes (round `k` swaps bit `k` of the row and column indices); value by value
-/// otherwise, which the compiler turns into single loads and stores, 16x slower.
+/// permutes (round `k` swaps bit `k` of the row and column indices); with AVX2, four 8 x 8
+/// transposes; value by value otherwise.
 #[inline(always)]
 fn transpose16(block: &mut [[f32; 16]; 16]) {
     #[cfg(target_arch = "x86_64")]

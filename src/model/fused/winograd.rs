@@ -114,10 +114,7 @@ pub(super) fn transform_input(
                 };
                 let row = |i: usize| [d(i, 0), d(i, 1), d(i, 2), d(i, 3)];
                 for i in i0..i1 {
-                    let [v0, v1, v2, v3] = &mut points[4 * (i - i0)..4 * (i - i0 + 1)] else {
-                        unreachable!("four points a row")
-                    };
-                    let v = [v0, v1, v2, v3].map(|v| &mut v[tile * c..][..c]);
+                    let v = point_row(&mut points, i - i0, tile * c, c);
                     // Row `i` of `B^T d`, then that row times `B`.
                     match i {
                         0 => input_row(row(0), row(2), v, |a, b| a - b),
@@ -129,6 +126,21 @@ pub(super) fn transform_input(
             }
         }
     }
+}
+
+/// The runs `at..at + len` of the four points of row `row` among `points` (each point's
+/// transformed values, [`point_stride`] apart as [`transform_input`] splits them).
+#[inline(always)]
+fn point_row<'a>(
+    points: &'a mut [&mut [f32]],
+    row: usize,
+    at: usize,
+    len: usize,
+) -> [&'a mut [f32]; 4] {
+    let [p0, p1, p2, p3] = &mut points[4 * row..4 * row + 4] else {
+        unreachable!("four points a row")
+    };
+    [p0, p1, p2, p3].map(|p| &mut p[at..at + len])
 }
 
 /// One row of `B^T d B` over a run of channels: `t = f(a, b)` pixel by pixel (the row of
@@ -194,8 +206,8 @@ fn store_slots(out: &mut [MaybeUninit<f32>], vector: &[f32; LANES], n: usize) {
 
 /// The products (`[16, tiles, C_out]`, tiles as in [`transform_input`]) as `A^T m A`, each
 /// tile's 2x2 outputs written into `out` (`[count, C_out, ho, wo]`: every slot of output rows
-/// `2 * first..2 * (first + rows)`, so that it need not be zeroed first); `band` holds one sample's outputs channels-last before
-/// they are transposed into `out`.
+/// `2 * first..2 * (first + rows)`, so that it need not be zeroed first); `band` holds one
+/// sample's outputs channels-last before they are transposed into `out`.
 #[inline(always)]
 pub(super) fn transform_output(
     products: &[f32],
@@ -268,8 +280,7 @@ fn output_run(m: [&[f32]; POINTS], y: [&mut [f32]; 4]) {
 /// samples (`[count, ho, wo, C]`) as `A e A^T`, into `out` (`[16, tiles, C]`, laid out as
 /// [`transform_input`]'s): the weight gradient's F(3x3, 2x2), whose 16 products with the
 /// input's `B^T d B` (the forward's) summed over the tiles give `G^T M G`
-/// ([`weight_gradient_from_points`]).
-/// As there, only rows `i0..i1` of the points.
+/// ([`weight_gradient_from_points`]). As there, only rows `i0..i1` of the points.
 #[inline(always)]
 pub(super) fn transform_output_grad(
     grads: &[f32],
@@ -299,10 +310,7 @@ pub(super) fn transform_output_grad(
                 };
                 let (top, bottom) = ([e(0, 0), e(0, 1)], [e(1, 0), e(1, 1)]);
                 for i in i0..i1 {
-                    let [u0, u1, u2, u3] = &mut points[4 * (i - i0)..4 * (i - i0 + 1)] else {
-                        unreachable!("four points a row")
-                    };
-                    let u = [u0, u1, u2, u3].map(|u| &mut u[tile * c..][..c]);
+                    let u = point_row(&mut points, i - i0, tile * c, c);
                     // Row `i` of `A e`: `A v = [v0, v0 + v1, v0 - v1, -v1]` down each column.
                     match i {
                         0 => output_grad_row(top, bottom, u, |a, _| a),
