@@ -153,7 +153,7 @@ pub(super) mod flex {
     /// Channels times output width from which a convolution takes Winograd (`takes_winograd`);
     /// the tests take it everywhere it applies.
     #[cfg(not(test))]
-    const WINOGRAD_MIN_WORK: usize = 2048;
+    const WINOGRAD_MIN_WORK: usize = 512;
     #[cfg(test)]
     const WINOGRAD_MIN_WORK: usize = 1;
     /// Sums (16 x C_in x C_out floats) from which a Winograd weight gradient splits the points
@@ -321,11 +321,11 @@ pub(super) mod flex {
         /// The blocks of a Winograd convolution or weight gradient, `[samples, tile rows]`: a
         /// block of several samples for small images, else of some tile rows of one sample.
         /// Tiles per block: enough that each pass over the weights does much work, few enough
-        /// that the transformed tiles (`16 x C x tiles`, for the wider of C_in and C_out) stay
-        /// near 4 MB.
-        fn winograd_blocks(&self) -> [usize; 2] {
-            let (th, tw) = (self.ho / 2, self.wo / 2);
-            let tiles = (WINOGRAD_VALUES / self.cin.max(self.cout))
+        /// that the transformed tiles (`points x C x tiles`, for the wider of C_in and C_out)
+        /// stay near 4 MB (twice as many tiles measured slower, half as many the same).
+        fn winograd_blocks(&self, tile: usize, points: usize) -> [usize; 2] {
+            let (th, tw) = (self.ho.div_ceil(tile), self.wo.div_ceil(tile));
+            let tiles = (WINOGRAD_VALUES * 16 / points / self.cin.max(self.cout))
                 .clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
             [
                 (tiles / (th * tw)).clamp(1, self.n),
@@ -333,26 +333,34 @@ pub(super) mod flex {
             ]
         }
 
-        /// Samples `first..first + count` padded for a stride-1 convolution with channels last
-        /// (`[count, H + 2 pad_h, W + 2 pad_w, C_in]`), each value through `norm` when given,
-        /// for [`winograd_convolve`].
+        /// Samples `first..first + count` padded for a Winograd convolution with channels last
+        /// and `tile x tile` output tiles (`[count, hp, wp, C_in]`: padding 1 before, and after
+        /// out to whole tiles), each value through `norm` when given. Returns them and `[hp,
+        /// wp]`.
         #[inline(always)]
         fn padded_channels_last<'a>(
             &self,
             xs: &[f32],
             [first, count]: [usize; 2],
+            tile: usize,
             buffer: &'a mut Vec<f32>,
             norm: Option<&ChannelNorm>,
-        ) -> &'a [f32] {
+        ) -> (&'a [f32], [usize; 2]) {
             let Geometry { cin, h, w, pad, .. } = *self;
             let image = cin * h * w;
-            channels_last(
+            let padded = [
+                tile * self.ho.div_ceil(tile) + 2,
+                tile * self.wo.div_ceil(tile) + 2,
+            ];
+            let values = channels_last(
                 &xs[first * image..][..count * image],
                 [cin, h, w],
                 pad,
+                padded,
                 buffer,
                 norm,
-            )
+            );
+            (values, padded)
         }
 
         /// Fills `row` with kernel tap `tap = (c, i, j)` at output rows `first_row..first_row +
@@ -484,20 +492,21 @@ pub(super) mod flex {
         }
     }
 
-    /// NCHW samples (`planes`, `[C, H, W]` each) as `[count, H + 2 pad_h, W + 2 pad_w, C]` in
-    /// `buffer`, zeros around, each value through `norm` when given: blocks of 16 channels x 16
-    /// pixels, each loaded from the channels' planes, normalised, transposed and stored as 16
-    /// pixels' runs of channels.
+    /// NCHW samples (`planes`, `[C, H, W]` each) as `[count, hp, wp, C]` in `buffer`, each
+    /// image `[ph, pw]` from the top left and zeros around it, each value through `norm` when
+    /// given: blocks of 16 channels x 16 pixels, each loaded from the channels' planes,
+    /// normalised, transposed and stored as 16 pixels' runs of channels.
     #[inline(always)]
     fn channels_last<'a>(
         planes: &[f32],
         [c, h, w]: [usize; 3],
         [ph, pw]: [usize; 2],
+        [hp, wp]: [usize; 2],
         buffer: &'a mut Vec<f32>,
         norm: Option<&ChannelNorm>,
     ) -> &'a [f32] {
         const LANES: usize = winograd::LANES;
-        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        assert!(hp >= ph + h && wp >= pw + w, "padded extent too small");
         let count = planes.len() / (c * h * w);
         let out = prefix(buffer, count * hp * wp * c);
         for (sample, image) in out
@@ -965,19 +974,25 @@ pub(super) mod flex {
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
     }
 
-    /// Whether [`convolve`] takes [`winograd_convolve`] (and [`weight_grad`] its F(3x3, 2x2);
-    /// f32 only: in bf16 the AMX tiles have products to spare). Its transforms and copies cost
-    /// per value, what it saves grows with the channels: measured, every 3x3 layer of a
-    /// ResNet-18 gains at width 1 (channels x output width 2,048) and none at width 0.25
-    /// (512: the step 0.85x with the first transforms, 0.99x with the channels-last ones).
+    /// Whether [`convolve`] takes [`winograd_convolve`] (f32 only: in bf16 the AMX tiles have
+    /// products to spare). Its transforms and copies cost per value, what it saves grows with
+    /// the channels: measured, every 3x3 layer of a ResNet-18 gains at width 1 (channels x
+    /// output width 2,048) and, since F(4x4, 3x3), at width 0.25 (512: the step 1.07x; 0.99x
+    /// with F(2x2, 3x3)).
     fn takes_winograd(g: &Geometry) -> bool {
-        winograd::applies([g.kh, g.kw], g.stride, g.pad, [g.ho, g.wo])
+        winograd::applies([g.kh, g.kw], g.stride, g.pad)
             && g.cin.min(g.cout) * g.wo >= WINOGRAD_MIN_WORK
     }
 
-    /// [`convolve`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(2x2, 3x3)
+    /// Whether [`weight_grad`] takes [`winograd_weight_grad`]: where the forward takes
+    /// Winograd and the output is even.
+    fn takes_winograd_gradient(g: &Geometry) -> bool {
+        takes_winograd(g) && winograd::gradient_applies([g.kh, g.kw], g.stride, g.pad, [g.ho, g.wo])
+    }
+
+    /// [`convolve`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(4x4, 3x3)
     /// ([`winograd`]): per block of samples (or of tile rows, for large images), the padded
-    /// input copied channels-last and transformed, 16 single-threaded GEMMs
+    /// input copied channels-last and transformed, 36 single-threaded GEMMs
     /// `[C_out, C_in] x [C_in, tiles]`, and their products transformed into the output.
     fn winograd_convolve(
         g: &Geometry,
@@ -986,11 +1001,10 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
         let (cin, cout, positions) = (g.cin, g.cout, g.positions());
-        let points = winograd::POINTS;
+        let (points, tile) = (winograd::POINTS, winograd::TILE);
         let transformed = winograd::transform_weights(weights, [cout, cin]);
-        let (th, tw) = (g.ho / 2, g.wo / 2);
-        let [group, tile_rows] = g.winograd_blocks();
-        let (hp, wp) = (g.h + 2, g.w + 2);
+        let (th, tw) = (g.ho.div_ceil(tile), g.wo.div_ceil(tile));
+        let [group, tile_rows] = g.winograd_blocks(tile, points);
         // SAFETY: the output transform writes every slot of its tile rows, and the tile rows
         // cover the block.
         unsafe {
@@ -1000,12 +1014,13 @@ pub(super) mod flex {
                 |index, block| {
                     let count = block.len() / (cout * positions);
                     with_scratch(|scratch| {
-                        let padded = wide(
+                        let (padded, [hp, wp]) = wide(
                             #[inline(always)]
                             || {
                                 g.padded_channels_last(
                                     xs,
                                     [index * group, count],
+                                    tile,
                                     &mut scratch.padded,
                                     norm,
                                 )
@@ -1027,7 +1042,6 @@ pub(super) mod flex {
                                         [count, hp, wp, cin],
                                         [first, rows],
                                         tw,
-                                        [0, 4],
                                         inputs,
                                     )
                                 },
@@ -1081,10 +1095,10 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
         let (cin, cout, positions) = (g.cin, g.cout, g.positions());
-        let (th, tw) = (g.ho / 2, g.wo / 2);
-        let [group, tile_rows] = g.winograd_blocks();
-        let (hp, wp) = (g.h + 2, g.w + 2);
-        let size = winograd::POINTS * cin * cout;
+        let (tile, points) = (winograd::GRADIENT_TILE, winograd::GRADIENT_POINTS);
+        let (th, tw) = (g.ho / tile, g.wo / tile);
+        let [group, tile_rows] = g.winograd_blocks(tile, points);
+        let size = points * cin * cout;
         // Adds point rows `i0..i1` of the blocks of samples from `first` on, `step` apart, into
         // `sum` (those points' sums).
         let accumulate = |sum: &mut [f32], [i0, i1]: [usize; 2], [first, step]: [usize; 2]| {
@@ -1092,12 +1106,13 @@ pub(super) mod flex {
             with_scratch(|scratch| {
                 for first in (first..g.n).step_by(step) {
                     let count = group.min(g.n - first);
-                    let (padded, grads) = wide(
+                    let ((padded, [hp, wp]), grads) = wide(
                         #[inline(always)]
                         || {
                             let padded = g.padded_channels_last(
                                 xs,
                                 [first, count],
+                                tile,
                                 &mut scratch.padded,
                                 norm,
                             );
@@ -1105,6 +1120,7 @@ pub(super) mod flex {
                                 &dys[first * cout * positions..][..count * cout * positions],
                                 [cout, g.ho, g.wo],
                                 [0, 0],
+                                [g.ho, g.wo],
                                 &mut scratch.band,
                                 None,
                             );
@@ -1125,16 +1141,9 @@ pub(super) mod flex {
                             || {
                                 let span = [first_row, rows];
                                 let shape = [count, hp, wp, cin];
-                                winograd::transform_input(
-                                    padded,
-                                    shape,
-                                    span,
-                                    tw,
-                                    [i0, i1],
-                                    inputs,
-                                );
+                                winograd::gradient_input(padded, shape, span, tw, [i0, i1], inputs);
                                 let shape = [count, g.ho, g.wo, cout];
-                                winograd::transform_output_grad(
+                                winograd::gradient_output_grad(
                                     grads,
                                     shape,
                                     span,
@@ -1216,7 +1225,7 @@ pub(super) mod flex {
         let (positions, taps) = (g.positions(), g.taps());
         let xs = contiguous_f32(&x);
         let dys = contiguous_f32(&output_grad);
-        if !bf16 && takes_winograd(&g) {
+        if !bf16 && takes_winograd_gradient(&g) {
             let total = winograd_weight_grad(&g, &xs, &dys, norm);
             return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
         }
@@ -1444,8 +1453,8 @@ mod tests {
         let device = Device::flex().autodiff();
         device.seed(5);
         // 9x9 images span several tiles of output rows, 3x3 ones (and 5x5 with stride 2) end
-        // in a partial tile; 2x2 ones with stride 2 (one output position each) go several to
-        // a tile.
+        // in a partial tile (at stride 1, partial Winograd tiles too, and an im2col weight
+        // gradient); 2x2 ones with stride 2 (one output position each) go several to a tile.
         for (kernel, stride, pad, size, cout) in [
             (3, 1, 1, 9, 6),
             (1, 1, 0, 9, 6),
