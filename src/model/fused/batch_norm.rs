@@ -350,24 +350,45 @@ pub(super) mod flex {
         [sum.iter().sum(), centred.iter().sum()]
     }
 
-    /// Per channel (in parallel), the sums over the batch of `f(channel, offset)`, where
-    /// `offset` starts that sample's run of `spatial` values in the NCHW buffer.
+    /// Per channel, the sums over the batch of `f(channel, offset)`, where `offset` starts that
+    /// sample's run of `spatial` values in the NCHW buffer. In memory order, the samples split
+    /// into parts (in parallel, each with sums of every channel, added at the end): one channel
+    /// at a time over all samples read runs `C x spatial` values apart, a page each for the
+    /// small images of the deep layers (`spatial` 16 or 64), which the prefetcher does not
+    /// follow. A fixed number of parts, so that the sums do not depend on the threads.
     fn per_channel<const K: usize>(
         (n, c, s): (usize, usize, usize),
         f: impl Fn(usize, usize) -> [f32; K] + Sync,
     ) -> Vec<[f64; K]> {
-        (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let mut total = [0f64; K];
-                for b in 0..n {
-                    for (t, v) in total.iter_mut().zip(wide(|| f(ch, (b * c + ch) * s))) {
-                        *t += v as f64;
+        const PARTS: usize = 16;
+        let parts = n.clamp(1, PARTS);
+        let sums = |part: usize| {
+            let mut totals = vec![[0f64; K]; c];
+            wide(
+                #[inline(always)]
+                || {
+                    for b in part * n / parts..(part + 1) * n / parts {
+                        for (ch, total) in totals.iter_mut().enumerate() {
+                            for (t, v) in total.iter_mut().zip(f(ch, (b * c + ch) * s)) {
+                                *t += v as f64;
+                            }
+                        }
                     }
+                },
+            );
+            totals
+        };
+        let partials: Vec<Vec<[f64; K]>> = (0..parts).into_par_iter().map(sums).collect();
+        let mut partials = partials.into_iter();
+        let mut totals = partials.next().expect("at least one part");
+        for part in partials {
+            for (total, sums) in totals.iter_mut().zip(&part) {
+                for (t, v) in total.iter_mut().zip(sums) {
+                    *t += v;
                 }
-                total
-            })
-            .collect()
+            }
+        }
+        totals
     }
 
     impl FusedBatchNormOps for Flex {
@@ -477,22 +498,29 @@ pub(super) mod flex {
         (norm, mean, variance)
     }
 
-    /// Per channel, the mean and biased variance of an NCHW buffer of `(n, c, s)`: two passes
-    /// (mean first), the variance without the cancellation of E[x^2] - E[x]^2.
+    /// Per channel, the mean and biased variance of an NCHW buffer of `(n, c, s)`, in one pass:
+    /// the sums of `v - k` and of its square about `k`, the channel's first value, a value
+    /// near the mean. About the mean itself (a second pass) the variance would cancel nothing;
+    /// about zero, `E[x^2] - E[x]^2` would cancel most of its digits where the mean is large
+    /// against the spread. About `k` it loses `(mean - k)^2 / variance` times the rounding of
+    /// the sums, a few units in the last place of f32 for a first value a few deviations off.
     fn statistics(xs: &[f32], (n, c, s): (usize, usize, usize)) -> [Vec<f32>; 2] {
         let count = (n * s) as f64;
-        let mean: Vec<f32> = per_channel((n, c, s), |_, at| [sum_of(&xs[at..at + s], |v| v)])
-            .into_iter()
-            .map(|[total]| (total / count) as f32)
-            .collect();
-        let variance: Vec<f32> = per_channel((n, c, s), |ch, at| {
-            let m = mean[ch];
-            [sum_of(&xs[at..at + s], |v| (v - m) * (v - m))]
-        })
-        .into_iter()
-        .map(|[total]| (total / count) as f32)
-        .collect();
-        [mean, variance]
+        let shift = |ch: usize| xs[ch * s];
+        let sums = per_channel((n, c, s), |ch, at| {
+            let k = shift(ch);
+            let run = &xs[at..at + s];
+            [sum_of(run, |v| v - k), sum_of(run, |v| (v - k) * (v - k))]
+        });
+        sums.into_iter()
+            .enumerate()
+            .map(|(ch, [sum, squares])| {
+                let offset = sum / count;
+                let variance = (squares / count - offset * offset).max(0.0);
+                ((f64::from(shift(ch)) + offset) as f32, variance as f32)
+            })
+            .unzip::<_, _, Vec<f32>, Vec<f32>>()
+            .into()
     }
 
     /// Both backward passes over the input `xs` of `shape`, the gradient masked as `relu` says.
@@ -571,6 +599,55 @@ pub(super) mod flex {
             tensor(gamma_grad, Shape::new([c])),
             tensor(sum_dy, Shape::new([c])),
         )
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::statistics;
+
+        /// The one-pass mean and variance against the two-pass definition in f64, where the
+        /// mean is large against the spread (where `E[x^2] - E[x]^2` in f32 would return
+        /// noise) and each channel's first value lies several deviations from its mean.
+        #[test]
+        fn one_pass_statistics_match_the_two_pass_definition() {
+            let (n, c, s) = (5, 3, 37);
+            let mut state = 7u64;
+            let mut uniform = || {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+            };
+            let (means, spreads) = ([1000.0, -3.0, 0.0], [0.01, 2.0, 1e-3]);
+            let mut xs: Vec<f32> = (0..n * c * s)
+                .map(|i| {
+                    let ch = i / s % c;
+                    (means[ch] + spreads[ch] * uniform()) as f32
+                })
+                .collect();
+            // First values 5 (uniform) deviations off.
+            for ch in 0..c {
+                xs[ch * s] = (means[ch] + spreads[ch] * 1.5) as f32;
+            }
+            let [mean, variance] = statistics(&xs, (n, c, s));
+            for ch in 0..c {
+                let values: Vec<f64> = (0..n)
+                    .flat_map(|b| xs[(b * c + ch) * s..][..s].iter().map(|&v| f64::from(v)))
+                    .collect();
+                let m = values.iter().sum::<f64>() / values.len() as f64;
+                let v = values.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / values.len() as f64;
+                assert!(
+                    (f64::from(mean[ch]) - m).abs() <= 1e-6 * m.abs().max(spreads[ch]),
+                    "channel {ch}: mean {} vs {m}",
+                    mean[ch]
+                );
+                assert!(
+                    (f64::from(variance[ch]) - v).abs() <= 1e-4 * v,
+                    "channel {ch}: variance {} vs {v}",
+                    variance[ch]
+                );
+            }
+        }
     }
 }
 
