@@ -535,9 +535,15 @@ pub(super) mod flex {
                         }
                     }
                     transpose16(&mut block);
-                    for (i, row) in block.iter().take(np).enumerate() {
-                        let (y, x) = ((p0 + i) / w, (p0 + i) % w);
+                    // Pixel by pixel without a division each (16 of them cost as much as the
+                    // block's transpose).
+                    let (mut y, mut x) = (p0 / w, p0 % w);
+                    for row in block.iter().take(np) {
                         winograd::store(&mut sample[((ph + y) * wp + pw + x) * c + c0..], row, nc);
+                        x += 1;
+                        if x == w {
+                            (y, x) = (y + 1, 0);
+                        }
                     }
                 }
             }
