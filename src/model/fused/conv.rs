@@ -168,7 +168,7 @@ pub(super) mod flex {
     #[cfg(not(test))]
     const WINOGRAD_MIN_TILES: usize = 64;
     #[cfg(not(test))]
-    const WINOGRAD_MAX_TILES: usize = 256;
+    const WINOGRAD_MAX_TILES: usize = 128;
     /// In the tests, a few tiles per GEMM, so that their images span several.
     #[cfg(test)]
     const WINOGRAD_MIN_TILES: usize = 2;
@@ -320,13 +320,17 @@ pub(super) mod flex {
 
         /// The blocks of a Winograd convolution or weight gradient, `[samples, tile rows]`: a
         /// block of several samples for small images, else of some tile rows of one sample.
-        /// Tiles per block: enough that each pass over the weights does much work, few enough
-        /// that the transformed tiles (`points x C x tiles`, for the wider of C_in and C_out)
-        /// stay near 4 MB (twice as many tiles measured slower, half as many the same).
+        /// Tiles per block: enough that each pass over the weights does much work (at least
+        /// 64), few enough that the transformed tiles (`points x C x tiles`, for the wider of
+        /// C_in and C_out) stay near 4 MB and at most 128 (from 256: width 1 1.05x), and no
+        /// more than a thread's share, so that the small images of the deep layers (a tile or
+        /// four each) still make a block for every thread (width 0.25 1.05x, width 1 1.02x).
         fn winograd_blocks(&self, tile: usize, points: usize) -> [usize; 2] {
             let (th, tw) = (self.ho.div_ceil(tile), self.wo.div_ceil(tile));
             let tiles = (WINOGRAD_VALUES * 16 / points / self.cin.max(self.cout))
                 .clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
+            let balanced = (self.n * th * tw).div_ceil(rayon::current_num_threads());
+            let tiles = tiles.min(balanced.max(1));
             [
                 (tiles / (th * tw)).clamp(1, self.n),
                 (tiles / tw).clamp(1, th),
