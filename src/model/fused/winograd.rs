@@ -74,14 +74,13 @@ pub(super) fn gradient_applies(
 /// `[C_out, C_in, 3, 3]` kernels as `G g G^T`, `[C_in, 36, C_out]`: input channels in
 /// parallel, each one's 36 points a contiguous block (the GEMM of point `p` reads its
 /// `[C_out, C_in]` with `C_out` contiguous and input channels `36 C_out` apart). A vector of
-/// output channels at a time, so that each point's values are stored as a run.
+/// output channels at a time, so that each point's values are stored as a run; into
+/// uninitialised memory (4x the weights, every call: a zero-fill first would be a pass as long).
 pub(super) fn transform_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
-    use rayon::prelude::*;
     assert_eq!(weights.len(), cout * cin * 9, "3x3 kernels");
-    let mut out = vec![0.0; cin * POINTS * cout];
-    out.par_chunks_mut(POINTS * cout)
-        .enumerate()
-        .for_each(|(ci, points)| {
+    // SAFETY: run `ci` stores every output channel's value of each of its 36 points.
+    unsafe {
+        super::written_by_runs(cin * POINTS * cout, POINTS * cout, |ci, points| {
             for co0 in (0..cout).step_by(LANES) {
                 let nc = LANES.min(cout - co0);
                 // `g[3 i + j][l]`: tap `(i, j)` of output channel `co0 + l`.
@@ -105,11 +104,11 @@ pub(super) fn transform_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec
                     }
                 }
                 for (p, values) in u.iter().enumerate() {
-                    store(&mut points[p * cout + co0..], values, nc);
+                    store_slots(&mut points[p * cout + co0..], values, nc);
                 }
             }
-        });
-    out
+        })
+    }
 }
 
 /// `G v` of F(4x4, 3x3), by multiplications (a division by 6 or 24 costs ten times as much).
