@@ -163,8 +163,9 @@ pub(super) mod flex {
     const WINOGRAD_SPLIT_POINTS_FROM: usize = 1 << 20;
     #[cfg(test)]
     const WINOGRAD_SPLIT_POINTS_FROM: usize = 1000;
-    /// Transformed values of one channel block per Winograd GEMM (see `winograd_convolve`).
-    const WINOGRAD_VALUES: usize = 1 << 16;
+    /// Transformed values (all points, all channels: 4 MB) a Winograd block aims at (see
+    /// `Geometry::winograd_blocks`).
+    const WINOGRAD_VALUES: usize = 1 << 20;
     #[cfg(not(test))]
     const WINOGRAD_MIN_TILES: usize = 64;
     #[cfg(not(test))]
@@ -327,7 +328,7 @@ pub(super) mod flex {
         /// four each) still make a block for every thread (width 0.25 1.05x, width 1 1.02x).
         fn winograd_blocks(&self, tile: usize, points: usize) -> [usize; 2] {
             let (th, tw) = (self.ho.div_ceil(tile), self.wo.div_ceil(tile));
-            let tiles = (WINOGRAD_VALUES * 16 / points / self.cin.max(self.cout))
+            let tiles = (WINOGRAD_VALUES / (points * self.cin.max(self.cout)))
                 .clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
             let balanced = (self.n * th * tw).div_ceil(rayon::current_num_threads());
             let tiles = tiles.min(balanced.max(1));
@@ -1090,7 +1091,7 @@ pub(super) mod flex {
     }
 
     /// [`weight_grad`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(3x3, 2x2)
-    /// ([`winograd::transform_output_grad`]): per block of samples (or of tile rows), the padded
+    /// ([`winograd::gradient_output_grad`]): per block of samples (or of tile rows), the padded
     /// input and the output gradient channels-last and transformed, and 16 GEMMs
     /// `[C_out, tiles] x [tiles, C_in]` adding into the sums of the 16 points, then transformed
     /// into the kernels' gradient. The threads split the blocks, each into sums of its own
@@ -1112,7 +1113,7 @@ pub(super) mod flex {
         // Adds point rows `i0..i1` of the blocks of samples from `first` on, `step` apart, into
         // `sum` (those points' sums).
         let accumulate = |sum: &mut [f32], [i0, i1]: [usize; 2], [first, step]: [usize; 2]| {
-            let points = 4 * (i1 - i0);
+            let row_points = 4 * (i1 - i0);
             with_scratch(|scratch| {
                 for first in (first..g.n).step_by(step) {
                     let count = group.min(g.n - first);
@@ -1144,8 +1145,8 @@ pub(super) mod flex {
                             winograd::point_stride(tiles * cin),
                             winograd::point_stride(tiles * cout),
                         );
-                        let inputs = prefix(&mut scratch.columns, points * in_stride);
-                        let transformed = prefix(&mut scratch.product, points * grad_stride);
+                        let inputs = prefix(&mut scratch.columns, row_points * in_stride);
+                        let transformed = prefix(&mut scratch.product, row_points * grad_stride);
                         wide(
                             #[inline(always)]
                             || {
@@ -1162,7 +1163,7 @@ pub(super) mod flex {
                                 );
                             },
                         );
-                        for p in 0..points {
+                        for p in 0..row_points {
                             gemm_into(
                                 &mut sum[p * cin * cout..][..cin * cout],
                                 [1, cout],

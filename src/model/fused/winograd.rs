@@ -202,10 +202,9 @@ fn input_tile(patch: &[f32], [row, c]: [usize; 2], out: &mut [f32], [at, stride]
                 *vector = load(&patch[i * row + j * c + k0..], nk);
             }
         }
-        let patch = &pixels;
         for l in 0..LANES {
             // `columns[j]` is column `j` of `B^T d`.
-            let columns: [[f32; 6]; 6] = from_fn(|j| bt_times(from_fn(|i| patch[i][j][l])));
+            let columns: [[f32; 6]; 6] = from_fn(|j| bt_times(from_fn(|i| pixels[i][j][l])));
             for i in 0..6 {
                 let row = bt_times(from_fn(|j| columns[j][i]));
                 for (j, value) in row.into_iter().enumerate() {
@@ -301,9 +300,9 @@ fn output_tile(m: [[f32; LANES]; POINTS]) -> [[f32; LANES]; TILE * TILE] {
 
 /// The weight gradient's F(3x3, 2x2): the 4x4 patches of output tile rows `first..first + rows`
 /// (2x2 tiles) of `count` padded channels-last samples (`[count, hp, wp, C]`, padding 1
-/// included) as `B^T d B`, into `out` (`[16, tiles, C]`, tile
-/// `(s, ty, tx)` at `(s * rows + ty - first) * tw + tx`): only its rows `i0..i1` (points `4 i0..4
-/// i1`, which cost that share of the work), the first of them at the start of `out`.
+/// included) as `B^T d B`, into `out` (`[16, tiles, C]`, tile `(s, ty, tx)` at `(s * rows + ty
+/// - first) * tw + tx`): only its rows `i0..i1` (points `4 i0..4 i1`, which cost that share of
+/// the work), the first of them at the start of `out`.
 #[inline(always)]
 pub(super) fn gradient_input(
     padded: &[f32],
@@ -426,7 +425,7 @@ fn store_slots(out: &mut [MaybeUninit<f32>], vector: &[f32; LANES], n: usize) {
 /// The output gradient's 2x2 tiles at tile rows `first..first + rows` of `count` channels-last
 /// samples (`[count, ho, wo, C]`) as `A e A^T`, into `out` (`[16, tiles, C]`, laid out as
 /// [`gradient_input`]'s): the weight gradient's F(3x3, 2x2), whose 16 products with the
-/// input's `B^T d B` (the forward's) summed over the tiles give `G^T M G`
+/// input's `B^T d B` ([`gradient_input`]'s) summed over the tiles give `G^T M G`
 /// ([`weight_gradient_from_points`]). As there, only rows `i0..i1` of the points.
 #[inline(always)]
 pub(super) fn gradient_output_grad(
