@@ -28,7 +28,6 @@
 //! tiles]`: its `lhs` (weights) has `C_out` contiguous and its `rhs` has `k = C_in` contiguous,
 //! as gemm reads them best.
 
-use std::array::from_fn;
 use std::mem::MaybeUninit;
 
 /// Outputs a side of the forward's tiles.
@@ -94,8 +93,8 @@ pub(super) fn transform_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec
                 let mut u = [[0.0f32; LANES]; POINTS];
                 for l in 0..LANES {
                     // `columns[j][i]` is `(G g)[i][j]`.
-                    let columns: [[f32; 6]; 3] =
-                        from_fn(|j| g_times([g[j][l], g[3 + j][l], g[6 + j][l]]));
+                    let column = |j: usize| g_times([g[j][l], g[3 + j][l], g[6 + j][l]]);
+                    let columns = [column(0), column(1), column(2)];
                     for i in 0..6 {
                         let row = g_times([columns[0][i], columns[1][i], columns[2][i]]);
                         for (j, value) in row.into_iter().enumerate() {
@@ -174,12 +173,16 @@ pub(super) fn transform_input(
         TILE * (first + rows) + 2 <= hp,
         "tile rows beyond the padded rows"
     );
+    // A tile's pixels and points, a vector of channels each: filled in place, once per call
+    // (zeroed per tile, or built by value and moved, they would cost a memset or a memcpy).
+    let mut arrays = ([[[0.0f32; LANES]; 6]; 6], [[0.0f32; LANES]; POINTS]);
     for s in 0..count {
         for ty in first..first + rows {
             for tx in 0..tw {
                 let tile = (s * rows + ty - first) * tw + tx;
                 let corner = ((s * hp + TILE * ty) * wp + TILE * tx) * c;
-                input_tile(&padded[corner..], [wp * c, c], out, [tile * c, stride]);
+                let patch = &padded[corner..];
+                input_tile(patch, [wp * c, c], &mut arrays, out, [tile * c, stride]);
             }
         }
     }
@@ -191,10 +194,13 @@ pub(super) fn transform_input(
 /// lanes. Offsets rather than 72 slices: making those cost more than the transform at a few
 /// channels (width 0.25: the step 1.04x).
 #[inline(always)]
-fn input_tile(patch: &[f32], [row, c]: [usize; 2], out: &mut [f32], [at, stride]: [usize; 2]) {
-    // Filled in place: arrays built by value and moved would cost a memcpy each.
-    let mut pixels = [[[0.0f32; LANES]; 6]; 6];
-    let mut points = [[0.0f32; LANES]; POINTS];
+fn input_tile(
+    patch: &[f32],
+    [row, c]: [usize; 2],
+    (pixels, points): &mut ([[[f32; LANES]; 6]; 6], [[f32; LANES]; POINTS]),
+    out: &mut [f32],
+    [at, stride]: [usize; 2],
+) {
     for k0 in (0..c).step_by(LANES) {
         let nk = LANES.min(c - k0);
         for (i, pixel_row) in pixels.iter_mut().enumerate() {
@@ -204,9 +210,12 @@ fn input_tile(patch: &[f32], [row, c]: [usize; 2], out: &mut [f32], [at, stride]
         }
         for l in 0..LANES {
             // `columns[j]` is column `j` of `B^T d`.
-            let columns: [[f32; 6]; 6] = from_fn(|j| bt_times(from_fn(|i| pixels[i][j][l])));
+            let d = |i: usize, j: usize| pixels[i][j][l];
+            let column = |j| bt_times([d(0, j), d(1, j), d(2, j), d(3, j), d(4, j), d(5, j)]);
+            let columns = [column(0), column(1), column(2), column(3), column(4), column(5)];
             for i in 0..6 {
-                let row = bt_times(from_fn(|j| columns[j][i]));
+                let c = |j: usize| columns[j][i];
+                let row = bt_times([c(0), c(1), c(2), c(3), c(4), c(5)]);
                 for (j, value) in row.into_iter().enumerate() {
                     points[6 * i + j][l] = value;
                 }
@@ -243,6 +252,9 @@ pub(super) fn transform_output(
     let pixels = (TILE * (first + rows)).min(ho) * wo - start;
     // Output pixel `start + p`'s run of channels in `band`.
     let at = |p: usize| (p / wo * band_width + p % wo) * cout;
+    // One tile's products and outputs, a vector of channels each (in place, as in
+    // [`transform_input`]).
+    let (mut m, mut y) = ([[0.0f32; LANES]; POINTS], [[0.0f32; LANES]; TILE * TILE]);
     for s in 0..count {
         for ty in first..first + rows {
             for tx in 0..tw {
@@ -251,9 +263,10 @@ pub(super) fn transform_output(
                 let pixel = |a: usize| ((TILE * (ty - first) + a) * band_width + TILE * tx) * cout;
                 for c0 in (0..cout).step_by(LANES) {
                     let nc = LANES.min(cout - c0);
-                    let y = output_tile(from_fn(|p| {
-                        load(&products[p * stride + tile * cout + c0..], nc)
-                    }));
+                    for (p, point) in m.iter_mut().enumerate() {
+                        *point = load(&products[p * stride + tile * cout + c0..], nc);
+                    }
+                    output_tile(&m, &mut y);
                     for (a, row) in y.chunks_exact(TILE).enumerate() {
                         for (b, values) in row.iter().enumerate() {
                             store(&mut band[pixel(a) + b * cout + c0..], values, nc);
@@ -281,21 +294,22 @@ pub(super) fn transform_output(
 }
 
 /// `A^T m A` of one tile's products (`m[6 i + j]`, a vector of channels each): its 4x4 outputs
-/// `y[4 a + b]`, lane by lane.
+/// into `y[4 a + b]`, lane by lane.
 #[inline(always)]
-fn output_tile(m: [[f32; LANES]; POINTS]) -> [[f32; LANES]; TILE * TILE] {
-    let mut y = [[0.0f32; LANES]; TILE * TILE];
+fn output_tile(m: &[[f32; LANES]; POINTS], y: &mut [[f32; LANES]; TILE * TILE]) {
     for l in 0..LANES {
         // `columns[j]` is column `j` of `A^T m`.
-        let columns: [[f32; 4]; 6] = from_fn(|j| at_times(from_fn(|i| m[6 * i + j][l])));
+        let v = |i: usize, j: usize| m[6 * i + j][l];
+        let column = |j| at_times([v(0, j), v(1, j), v(2, j), v(3, j), v(4, j), v(5, j)]);
+        let columns = [column(0), column(1), column(2), column(3), column(4), column(5)];
         for a in 0..TILE {
-            let row = at_times(from_fn(|j| columns[j][a]));
+            let c = |j: usize| columns[j][a];
+            let row = at_times([c(0), c(1), c(2), c(3), c(4), c(5)]);
             for (b, value) in row.into_iter().enumerate() {
                 y[TILE * a + b][l] = value;
             }
         }
     }
-    y
 }
 
 /// The weight gradient's F(3x3, 2x2): the 4x4 patches of output tile rows `first..first + rows`
