@@ -212,7 +212,14 @@ fn input_tile(
             // `columns[j]` is column `j` of `B^T d`.
             let d = |i: usize, j: usize| pixels[i][j][l];
             let column = |j| bt_times([d(0, j), d(1, j), d(2, j), d(3, j), d(4, j), d(5, j)]);
-            let columns = [column(0), column(1), column(2), column(3), column(4), column(5)];
+            let columns = [
+                column(0),
+                column(1),
+                column(2),
+                column(3),
+                column(4),
+                column(5),
+            ];
             for i in 0..6 {
                 let c = |j: usize| columns[j][i];
                 let row = bt_times([c(0), c(1), c(2), c(3), c(4), c(5)]);
@@ -301,7 +308,14 @@ fn output_tile(m: &[[f32; LANES]; POINTS], y: &mut [[f32; LANES]; TILE * TILE]) 
         // `columns[j]` is column `j` of `A^T m`.
         let v = |i: usize, j: usize| m[6 * i + j][l];
         let column = |j| at_times([v(0, j), v(1, j), v(2, j), v(3, j), v(4, j), v(5, j)]);
-        let columns = [column(0), column(1), column(2), column(3), column(4), column(5)];
+        let columns = [
+            column(0),
+            column(1),
+            column(2),
+            column(3),
+            column(4),
+            column(5),
+        ];
         for a in 0..TILE {
             let c = |j: usize| columns[j][a];
             let row = at_times([c(0), c(1), c(2), c(3), c(4), c(5)]);
