@@ -52,6 +52,25 @@ pub trait FusedBatchNormOps: burn::backend::Backend {
         output_grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// The backward of [`fused_batch_norm_add_relu_train`](FusedBatchNormOps::fused_batch_norm_add_relu_train)
+    /// from its `output`: `(input, gamma, beta, residual)` gradients, the residual's being the
+    /// output gradient where the output is positive (burn's `relu_backward`).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_batch_norm_add_relu_train_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        output_grad: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+
     /// The same with a ReLU fused in: `output` is the forward's, and the gradient flows where
     /// it is positive.
     fn fused_batch_norm_relu_train_backward(
@@ -433,6 +452,50 @@ pub(super) mod flex {
             )
         }
 
+        /// The residual's gradient masked in parallel (burn's `relu_backward` runs on one
+        /// thread below 4 Mi values: every residual block of a narrow model), then the norm's
+        /// backward from it.
+        fn fused_batch_norm_add_relu_train_backward(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            epsilon: f64,
+            output_grad: FloatTensor<Self>,
+            output: FloatTensor<Self>,
+        ) -> (
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+        ) {
+            let shape = shape_of(&x);
+            let (ys, dy) = (contiguous_f32(&output), contiguous_f32(&output_grad));
+            // SAFETY: run `i` writes one value per output value of run `i`.
+            let masked = unsafe {
+                written_by_runs(ys.len(), MASK_RUN, |i, out| {
+                    let at = i * MASK_RUN;
+                    let (ys, dy) = (&ys[at..][..out.len()], &dy[at..][..out.len()]);
+                    for ((o, &y), &g) in out.iter_mut().zip(ys).zip(dy) {
+                        o.write(if y <= 0.0 { 0.0 } else { g });
+                    }
+                })
+            };
+            let residual_grad = tensor(masked, shape.clone());
+            let xs = contiguous_f32(&x);
+            let (x_grad, gamma_grad, beta_grad) = backward(
+                &xs,
+                shape,
+                gamma,
+                mean,
+                variance,
+                epsilon,
+                residual_grad.clone(),
+                Relu::None,
+            );
+            (x_grad, gamma_grad, beta_grad, residual_grad)
+        }
+
         fn fused_batch_norm_relu_train_backward(
             x: FloatTensor<Self>,
             gamma: FloatTensor<Self>,
@@ -456,6 +519,9 @@ pub(super) mod flex {
             )
         }
     }
+
+    /// Values per parallel run of the residual's masked gradient.
+    const MASK_RUN: usize = 1 << 14;
 
     fn shape_of(x: &FloatTensor<Flex>) -> Shape {
         x.layout().shape().clone()
@@ -724,15 +790,16 @@ mod autodiff {
         ) {
             let [node_x, node_gamma, node_beta, node_residual] = ops.parents;
             let (x, gamma, mean, variance, epsilon, output) = ops.state;
-            // The gradient of the sum, which is the residual's.
-            let grad = B::relu_backward(output, grads.consume::<B>(&ops.node));
-            let (x_grad, gamma_grad, beta_grad) =
-                B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad.clone());
+            let grad = grads.consume::<B>(&ops.node);
+            let (x_grad, gamma_grad, beta_grad, residual_grad) =
+                B::fused_batch_norm_add_relu_train_backward(
+                    x, gamma, mean, variance, epsilon, grad, output,
+                );
             for (node, value) in [
                 (node_x, x_grad),
                 (node_gamma, gamma_grad),
                 (node_beta, beta_grad),
-                (node_residual, grad),
+                (node_residual, residual_grad),
             ] {
                 if let Some(node) = node {
                     grads.register::<B>(node.id, value);
@@ -842,6 +909,38 @@ mod autodiff {
                 Self::from_inner(dx),
                 Self::from_inner(dgamma),
                 Self::from_inner(dbeta),
+            )
+        }
+
+        /// Not differentiated again: computed on the inner backend, outside the graph.
+        fn fused_batch_norm_add_relu_train_backward(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            variance: FloatTensor<Self>,
+            epsilon: f64,
+            output_grad: FloatTensor<Self>,
+            output: FloatTensor<Self>,
+        ) -> (
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+        ) {
+            let (dx, dgamma, dbeta, dresidual) = B::fused_batch_norm_add_relu_train_backward(
+                Self::inner(x),
+                Self::inner(gamma),
+                Self::inner(mean),
+                Self::inner(variance),
+                epsilon,
+                Self::inner(output_grad),
+                Self::inner(output),
+            );
+            (
+                Self::from_inner(dx),
+                Self::from_inner(dgamma),
+                Self::from_inner(dbeta),
+                Self::from_inner(dresidual),
             )
         }
 
