@@ -278,11 +278,17 @@ pub(super) mod flex {
             let Geometry {
                 h,
                 w,
+                kh,
+                kw,
                 pad: [ph, pw],
-                stride: [_, sw],
+                stride: [sh, sw],
                 ..
             } = *self;
             let [hp, pitch, phase] = self.padded_plane();
+            // Rows and phases no tap reads (a 1x1 kernel at stride 2 reads a quarter of the
+            // input) are left as they are.
+            let row_read = |row: usize| kh >= sh || row % sh < kh;
+            let phases_read = kw.min(sw);
             let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
             for (plane, (out, image)) in padded.chunks_exact_mut(hp * pitch).zip(planes).enumerate()
             {
@@ -290,7 +296,10 @@ pub(super) mod flex {
                 out[..ph * pitch].fill(0.0);
                 out[(ph + h) * pitch..].fill(0.0);
                 let rows = out[ph * pitch..(ph + h) * pitch].chunks_exact_mut(pitch);
-                for (out, input) in rows.zip(image.chunks_exact(w)) {
+                for (y, (out, input)) in rows.zip(image.chunks_exact(w)).enumerate() {
+                    if !row_read(ph + y) {
+                        continue;
+                    }
                     if sw == 1 {
                         out[..pw].fill(0.0);
                         match &norm {
@@ -303,15 +312,26 @@ pub(super) mod flex {
                         }
                         out[pw + w..].fill(0.0);
                     } else {
-                        out.fill(0.0);
                         // Phase `p` holds padded columns `p, p + sw, ...`; input column
                         // `x - pw` of those that lie in the image.
-                        for (p, values) in out.chunks_exact_mut(phase).enumerate() {
+                        let phases = out.chunks_exact_mut(phase).take(phases_read);
+                        for (p, values) in phases.enumerate() {
                             let skip = pw.saturating_sub(p).div_ceil(sw);
                             let first_input = skip * sw + p - pw;
-                            let inputs = input.iter().skip(first_input).step_by(sw);
-                            for (o, &v) in values[skip..].iter_mut().zip(inputs) {
-                                *o = norm.as_ref().map_or(v, |f| f(v, 0.0));
+                            let count = w.saturating_sub(first_input).div_ceil(sw);
+                            values[..skip].fill(0.0);
+                            values[skip + count..].fill(0.0);
+                            let values = &mut values[skip..skip + count];
+                            let inputs = &input[first_input.min(w)..];
+                            match (sw, &norm) {
+                                (2, None) => every_second(values, inputs, |v| v),
+                                (2, Some(f)) => every_second(values, inputs, |v| f(v, 0.0)),
+                                _ => {
+                                    let inputs = inputs.iter().step_by(sw);
+                                    for (o, &v) in values.iter_mut().zip(inputs) {
+                                        *o = norm.as_ref().map_or(v, |f| f(v, 0.0));
+                                    }
+                                }
                             }
                         }
                     }
@@ -470,6 +490,19 @@ pub(super) mod flex {
                 }
             }
         })
+    }
+
+    /// `out[k] = f(inputs[2 k])` for every `k` of `out`, by index so that the compiler sees
+    /// the stride.
+    #[inline(always)]
+    fn every_second(out: &mut [f32], inputs: &[f32], f: impl Fn(f32) -> f32) {
+        let Some(last) = (2 * out.len()).checked_sub(1) else {
+            return;
+        };
+        let inputs = &inputs[..last];
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = f(inputs[2 * k]);
+        }
     }
 
     /// Copies `src[r * step..][..width]` to `dst[r * width..][..width]` for every row `r` of
