@@ -862,16 +862,21 @@ pub(super) mod flex {
                     let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
                     padded.fill(0.0);
                     g.add_tap_rows(columns, padded);
-                    // Padded column `x` is value `x / sw` of phase `x % sw`.
+                    // Padded column `x + pw` is value `(x + pw) / sw` of phase `(x + pw) %
+                    // sw`: each phase fills the columns `sw` apart from its first.
                     let [ph, pw] = g.pad;
                     let sw = g.stride[1];
                     let planes = padded.chunks_exact(hp * pitch);
                     for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
                         for (y, out) in out.chunks_exact_mut(g.w).enumerate() {
                             let padded_row = &plane[(y + ph) * pitch..][..pitch];
-                            for (x, value) in out.iter_mut().enumerate() {
-                                let column = x + pw;
-                                *value = padded_row[column % sw * phase + column / sw];
+                            for first in 0..sw.min(g.w) {
+                                let column = first + pw;
+                                let values = &padded_row[column % sw * phase + column / sw..];
+                                let outs = out[first..].iter_mut().step_by(sw);
+                                for (o, &v) in outs.zip(values) {
+                                    *o = v;
+                                }
                             }
                         }
                     }
