@@ -37,7 +37,9 @@ fn is_flex(device: &burn::tensor::Device) -> bool {
 
 /// Runs `f` compiled for AVX-512 where the CPU has it, else for AVX2 + FMA (the crate builds
 /// for baseline x86-64, whose SSE2 handles four floats at a time), for a loop body inlined
-/// into it (mark a large closure or function `#[inline(always)]`). Results do not depend on
+/// into it (mark a large closure or function `#[inline(always)]`, and keep generic helpers
+/// such as `std::array::from_fn` out of it: one left out of line is compiled for SSE2, and
+/// whether it is depends on the rest of the caller). Results do not depend on
 /// the width: the loops keep their own accumulation order, and Rust never fuses a multiply
 /// and an add by itself. Used where it measured faster: BatchNorm's per-channel sums and the
 /// Winograd transforms (the element-wise passes and the padded copies are bound by memory,
