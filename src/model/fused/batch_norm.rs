@@ -224,6 +224,13 @@ pub(super) mod flex {
         acc.iter().sum::<f32>() + tail
     }
 
+    /// The gradient `g` through a ReLU whose output was `y`: zero where `y` is not positive,
+    /// `g` elsewhere, NaN included (burn's `relu_backward`).
+    #[inline(always)]
+    fn through_relu(y: f32, g: f32) -> f32 {
+        if y <= 0.0 { 0.0 } else { g }
+    }
+
     /// Where a fused norm's ReLU lets the gradient through: nowhere masked (no ReLU), where the
     /// kept output is positive, or where the output computed again from the input would be.
     pub(in crate::model::fused) enum Relu<'a> {
@@ -356,7 +363,7 @@ pub(super) mod flex {
             Relu::Output(ys) => {
                 let ys = &ys[at..][..dy.len()];
                 for (i, ((&x, &g), &y)) in xs.iter().zip(dy).zip(ys).enumerate() {
-                    add(i % 8, x, if y <= 0.0 { 0.0 } else { g });
+                    add(i % 8, x, through_relu(y, g));
                 }
             }
             Relu::Input(norm) => {
@@ -477,7 +484,7 @@ pub(super) mod flex {
                     let at = i * MASK_RUN;
                     let (ys, dy) = (&ys[at..][..out.len()], &dy[at..][..out.len()]);
                     for ((o, &y), &g) in out.iter_mut().zip(ys).zip(dy) {
-                        o.write(if y <= 0.0 { 0.0 } else { g });
+                        o.write(through_relu(y, g));
                     }
                 })
             };
@@ -645,7 +652,7 @@ pub(super) mod flex {
                     Relu::Output(ys) => {
                         let ys = &ys[i * s..][..out.len()];
                         for (((o, &v), &g), &y) in out.iter_mut().zip(run).zip(grads).zip(ys) {
-                            let g = if y <= 0.0 { 0.0 } else { g };
+                            let g = through_relu(y, g);
                             o.write(a * g - b * (v - m) - k);
                         }
                     }
