@@ -209,24 +209,8 @@ fn input_tile(
             }
         }
         for l in 0..LANES {
-            // `columns[j]` is column `j` of `B^T d`.
             let d = |i: usize, j: usize| pixels[i][j][l];
-            let column = |j| bt_times([d(0, j), d(1, j), d(2, j), d(3, j), d(4, j), d(5, j)]);
-            let columns = [
-                column(0),
-                column(1),
-                column(2),
-                column(3),
-                column(4),
-                column(5),
-            ];
-            for i in 0..6 {
-                let c = |j: usize| columns[j][i];
-                let row = bt_times([c(0), c(1), c(2), c(3), c(4), c(5)]);
-                for (j, value) in row.into_iter().enumerate() {
-                    points[6 * i + j][l] = value;
-                }
-            }
+            two_sided(d, bt_times, |i, j, value| points[6 * i + j][l] = value);
         }
         for (p, point) in points.iter().enumerate() {
             store(&mut out[p * stride + at + k0..], point, nk);
@@ -305,23 +289,37 @@ pub(super) fn transform_output(
 #[inline(always)]
 fn output_tile(m: &[[f32; LANES]; POINTS], y: &mut [[f32; LANES]; TILE * TILE]) {
     for l in 0..LANES {
-        // `columns[j]` is column `j` of `A^T m`.
         let v = |i: usize, j: usize| m[6 * i + j][l];
-        let column = |j| at_times([v(0, j), v(1, j), v(2, j), v(3, j), v(4, j), v(5, j)]);
-        let columns = [
-            column(0),
-            column(1),
-            column(2),
-            column(3),
-            column(4),
-            column(5),
-        ];
-        for a in 0..TILE {
-            let c = |j: usize| columns[j][a];
-            let row = at_times([c(0), c(1), c(2), c(3), c(4), c(5)]);
-            for (b, value) in row.into_iter().enumerate() {
-                y[TILE * a + b][l] = value;
-            }
+        two_sided(v, at_times, |a, b, value| y[TILE * a + b][l] = value);
+    }
+}
+
+/// `T v T^T` of a 6x6 tile, `v(i, j)` its values and `times` the product by `T` (`B^T` or
+/// `A^T`): each column through `times`, then each row of that; `out(i, j, value)` takes the
+/// `R x R` result. Array literals, not `std::array::from_fn` (see [`super::wide`]).
+#[inline(always)]
+fn two_sided<const R: usize>(
+    v: impl Fn(usize, usize) -> f32,
+    times: impl Fn([f32; 6]) -> [f32; R],
+    mut out: impl FnMut(usize, usize, f32),
+) {
+    // `columns[j]` is column `j` of `T v`.
+    let column = |j| times([v(0, j), v(1, j), v(2, j), v(3, j), v(4, j), v(5, j)]);
+    let columns = [
+        column(0),
+        column(1),
+        column(2),
+        column(3),
+        column(4),
+        column(5),
+    ];
+    // Row `i` of `T v` is value `i` of every column.
+    #[allow(clippy::needless_range_loop)]
+    for i in 0..R {
+        let c = |j: usize| columns[j][i];
+        let row = times([c(0), c(1), c(2), c(3), c(4), c(5)]);
+        for (j, value) in row.into_iter().enumerate() {
+            out(i, j, value);
         }
     }
 }
