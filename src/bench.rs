@@ -9,6 +9,7 @@ use crate::data::augment::AugmentConfig;
 use crate::data::folder::Dataset;
 use crate::data::loader::{epoch_order, two_view_batch};
 use crate::io::peak_rss_mib;
+use crate::threads::SpinningWorkers;
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -110,6 +111,8 @@ pub fn bench_train(
     // step, and the step is what is measured (`bench/pytorch_byol.py` does the same).
     let views = [0, 1].map(|_| random_views(batch, size, device));
     let timing = time(warmup, steps, || {
+        // As `byol train` holds it for each step.
+        let _spinning = SpinningWorkers::start();
         let current = byol.take().expect("model present");
         let output = current.forward(views[0].clone(), views[1].clone());
         let grads = GradientsParams::from_grads(output.loss.backward(), &current.online);

@@ -2,7 +2,7 @@
 //!
 //! Layout: [`model`] (backbone, heads, the online/target pair), [`loss`], [`ema`], [`optim`]
 //! (optimizers, schedules), [`data`] (datasets, augmentations, loader), [`eval`] (kNN),
-//! [`train`] (the loop), [`cli`].
+//! [`train`] (the loop; [`threads`] keeps the compute pool awake through a step), [`cli`].
 
 pub mod bench;
 pub mod checkpoint;
@@ -18,4 +18,5 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod threads;
 pub mod train;

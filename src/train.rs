@@ -14,6 +14,7 @@ use crate::loss::l2_normalize;
 use crate::model::byol::Byol;
 use crate::model::precision::autocast;
 use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
+use crate::threads::SpinningWorkers;
 use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -282,6 +283,8 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         let mut accumulated = GradientsAccumulator::new();
         let remaining = batches_per_epoch.saturating_sub(state.batch_in_epoch);
         for batch in loader.take(remaining) {
+            // The other workers spin through the step, not while the loader is awaited.
+            let _spinning = SpinningWorkers::start();
             lr = config
                 .optimizer
                 .lr_at(batch_size, state.step, steps_per_epoch, total_steps);
