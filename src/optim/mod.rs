@@ -1,12 +1,13 @@
 //! Optimizers and learning-rate schedules.
 
+pub mod adam;
 pub mod lars;
 pub mod schedule;
 
 use anyhow::{Result, bail};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
+use burn::optim::{AdamWConfig, ModuleOptimizer, SgdConfig};
 use schedule::LrSchedule;
 use serde::{Deserialize, Serialize};
 
@@ -92,10 +93,7 @@ impl OptimizerConfig {
         let decay =
             (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay as f32));
         match self.kind {
-            OptimizerKind::Adam => AdamConfig::new()
-                .with_epsilon(1e-8)
-                .with_weight_decay(decay)
-                .init(),
+            OptimizerKind::Adam => ModuleOptimizer::from(adam::Adam::new(decay.map(|d| d.penalty))),
             OptimizerKind::Adamw => AdamWConfig::new()
                 .with_epsilon(1e-8)
                 .with_weight_decay(self.weight_decay as f32)

@@ -28,7 +28,7 @@ fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-fn is_flex(device: &burn::tensor::Device) -> bool {
+pub(crate) fn is_flex(device: &burn::tensor::Device) -> bool {
     matches!(
         device.clone().without_autodiff().as_dispatch(),
         burn::backend::DispatchDevice::Flex(_)
@@ -45,7 +45,7 @@ fn is_flex(device: &burn::tensor::Device) -> bool {
 /// Winograd transforms (the element-wise passes and the padded copies are bound by memory,
 /// and gained nothing).
 #[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
@@ -284,7 +284,7 @@ fn as_slots(values: &[f32]) -> &[std::mem::MaybeUninit<f32>] {
 }
 
 /// The values of an f32 flex tensor in row-major order (copied only when it is strided).
-fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+pub(crate) fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     assert_eq!(
         t.dtype(),
         burn::tensor::DType::F32,
