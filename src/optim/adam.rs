@@ -2,11 +2,10 @@
 //! on flex.
 //!
 //! burn's step is about fifteen element-wise ops per parameter tensor (moments, bias
-//! correction, square root, division, decay, update), and flex runs each on one thread below
-//! 4 Mi values, so at width 0.25 the optimizer took 10.6 ms of a 445 ms step with the second
-//! core idle. Here each tensor is read once and its parameter and moments written once, split
-//! over the rayon pool, with burn's operations in burn's order so that the values agree to the
-//! bit. The state is burn's `AdamState`, so checkpoints written with either load with either.
+//! correction, square root, division, decay, update), each on one thread ([`super::fused`]):
+//! 10.6 ms of a 445 ms step at width 0.25. Here each tensor is read once and its parameter
+//! and moments written once, split over the rayon pool, with burn's operations in burn's order
+//! so that the values agree to the bit. The state is burn's `AdamState`, so checkpoints written with either load with either.
 //! Off flex (or for other dtypes) burn's `Adam` runs, and it is the reference in the tests.
 
 use burn::backend::backend_extension;
@@ -15,7 +14,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{
     Adam as BurnAdam, AdamConfig, AdamState, AdaptiveMomentumState, LearningRate, Optimizer,
 };
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 /// Adam with PyTorch's defaults (betas 0.9 and 0.999, epsilon 1e-8), L2 weight decay added to the
 /// gradient (PyTorch's `Adam(weight_decay=...)`).
@@ -65,14 +64,6 @@ impl Adam {
     }
 }
 
-fn takes_fused_path<const D: usize>(tensor: &Tensor<D>, grad: &Tensor<D>) -> bool {
-    let device = tensor.device();
-    !device.is_autodiff()
-        && crate::model::fused::is_flex(&device)
-        && tensor.dtype() == DType::F32
-        && grad.dtype() == DType::F32
-}
-
 impl Optimizer for Adam {
     type State<const D: usize> = AdamState<D>;
 
@@ -83,7 +74,7 @@ impl Optimizer for Adam {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
-        if !takes_fused_path(&tensor, &grad) {
+        if !super::fused::applies(&tensor, &grad) {
             return self.burn.step(lr, tensor, grad, state);
         }
         // The first step is the general one from zero moments: `0 * beta + x` is `x` exactly.
@@ -163,14 +154,10 @@ pub trait FusedAdamOps: burn::backend::Backend {
 mod flex {
     use super::{AdamScalars, FusedAdamOps};
     use crate::model::fused::{contiguous_f32, wide};
+    use crate::optim::fused::{CHUNK, contiguous, values_mut};
     use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
-    use burn_flex::FlexTensor;
     use rayon::prelude::*;
-
-    /// Values per parallel job: large enough that a job outweighs its scheduling, small
-    /// enough that a 16 Ki-value bias still makes one job and a 2 Mi-value matrix many.
-    pub(super) const CHUNK: usize = 16 * 1024;
 
     impl FusedAdamOps for Flex {
         fn fused_adam_step(
@@ -181,8 +168,7 @@ mod flex {
             scalars: AdamScalars,
         ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
             let g = contiguous_f32(&grad);
-            // Updated in place (burn's element-wise ops do the same with a tensor nobody else
-            // holds; one that is shared is copied first), so the step allocates nothing.
+            // Updated in place, so the step allocates nothing.
             let [mut parameter, mut moment_1, mut moment_2] =
                 [parameter, moment_1, moment_2].map(contiguous);
             let [p, m, v] = [&mut parameter, &mut moment_1, &mut moment_2].map(values_mut);
@@ -203,24 +189,6 @@ mod flex {
                 });
             (parameter, moment_1, moment_2)
         }
-    }
-
-    /// `t`, copied into row-major order if it is strided (optimizer state never is).
-    fn contiguous(t: FlexTensor) -> FlexTensor {
-        if t.is_contiguous() {
-            t
-        } else {
-            t.to_contiguous()
-        }
-    }
-
-    /// The values of a contiguous f32 tensor, to write in place.
-    fn values_mut(t: &mut FlexTensor) -> &mut [f32] {
-        let (start, end) = t
-            .layout()
-            .contiguous_offsets()
-            .expect("made contiguous above");
-        &mut t.storage_mut::<f32>()[start..end]
     }
 }
 
@@ -243,7 +211,7 @@ mod tests {
         for decay in [None, Some(0.01f32)] {
             let ours = Adam::new(decay);
             let theirs = ours.burn.clone();
-            let shape = [3, flex::CHUNK + 5];
+            let shape = [3, super::super::fused::CHUNK + 5];
             let start = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let (mut a, mut b) = (start.clone(), start);
             let (mut state_a, mut state_b) = (None, None);
@@ -252,7 +220,7 @@ mod tests {
                 let lr = 1e-3 * (step + 1) as f64;
                 (a, state_a) = ours.step(lr, a, grad.clone(), state_a);
                 (b, state_b) = theirs.step(lr, b, grad, state_b);
-                assert!(takes_fused_path(&a, &a));
+                assert!(super::super::fused::applies(&a, &a));
                 assert_eq!(
                     values(&a),
                     values(&b),

@@ -6,7 +6,13 @@
 //! `buf = momentum * buf + d`, `w = w - lr * buf`. Biases and BatchNorm parameters (the rank-1
 //! tensors) get neither weight decay nor the trust ratio, as in the paper and solo-learn's
 //! `exclude_bias_n_norm`.
+//!
+//! On flex each tensor takes two parallel passes ([`super::fused`]): its two norms, then the
+//! update of the weights and the momentum buffer in place. burn's ops (about twenty per
+//! tensor, each on one thread) run elsewhere and are the reference in the tests.
 
+use burn::backend::backend_extension;
+use burn::backend::tensor::FloatTensor;
 use burn::optim::{LearningRate, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{Device, Tensor};
 
@@ -85,6 +91,29 @@ impl Optimizer for Lars {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
+        if super::fused::applies(&tensor, &grad) {
+            self.fused_step(lr, tensor, grad, state)
+        } else {
+            self.step_on_burn_ops(lr, tensor, grad, state)
+        }
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        LarsState {
+            momentum: state.momentum.to_device(device),
+        }
+    }
+}
+
+impl Lars {
+    /// [`Optimizer::step`] on burn's tensor ops, for any backend.
+    fn step_on_burn_ops<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<LarsState<D>>,
+    ) -> (Tensor<D>, Option<LarsState<D>>) {
         let update = self.scaled_gradient(lr, &tensor, grad);
         let buffer = match state {
             Some(state) => state.momentum.mul_scalar(self.momentum) + update,
@@ -94,10 +123,148 @@ impl Optimizer for Lars {
         (tensor, Some(LarsState { momentum: buffer }))
     }
 
-    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
-        LarsState {
-            momentum: state.momentum.to_device(device),
+    /// [`Optimizer::step`] as one flex operation.
+    fn fused_step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<LarsState<D>>,
+    ) -> (Tensor<D>, Option<LarsState<D>>) {
+        // The first step is the general one from a zero buffer: `0 * momentum + d` is `d`.
+        let buffer = match state {
+            Some(state) => state.momentum,
+            None => tensor.zeros_like(),
+        };
+        let step = LarsStep {
+            lr,
+            momentum: self.momentum as f32,
+            weight_decay: self.weight_decay,
+            eta: self.eta,
+            clip_lr: self.clip_lr,
+            adapt: !(self.exclude_bias_and_norm && D == 1),
+        };
+        let (tensor, buffer) = <burn::backend::Dispatch as FusedLarsOps>::fused_lars_step(
+            tensor.into_dispatch(),
+            grad.into_dispatch(),
+            buffer.into_dispatch(),
+            step,
+        );
+        let momentum = Tensor::from_dispatch(buffer);
+        (Tensor::from_dispatch(tensor), Some(LarsState { momentum }))
+    }
+}
+
+/// One LARS step's settings for [`FusedLarsOps::fused_lars_step`].
+#[derive(Clone, Copy, Debug)]
+pub struct LarsStep {
+    lr: f64,
+    momentum: f32,
+    weight_decay: f64,
+    eta: f64,
+    clip_lr: bool,
+    /// Weight decay and the trust ratio apply (not a bias or norm parameter left out).
+    adapt: bool,
+}
+
+impl LarsStep {
+    /// The trust ratio for the weights' and the gradient's norms, as
+    /// [`Lars::scaled_gradient`] computes it.
+    fn ratio(&self, weight_norm: f64, grad_norm: f64) -> f64 {
+        if weight_norm == 0.0 || grad_norm == 0.0 {
+            return 1.0;
         }
+        let ratio = self.eta * weight_norm / (grad_norm + self.weight_decay * weight_norm + EPS);
+        if self.clip_lr {
+            (ratio / self.lr).min(1.0)
+        } else {
+            ratio
+        }
+    }
+}
+
+#[backend_extension(Flex)]
+pub trait FusedLarsOps: burn::backend::Backend {
+    /// `(weights, momentum buffer)` after one LARS step.
+    fn fused_lars_step(
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        buffer: FloatTensor<Self>,
+        step: LarsStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+mod flex {
+    use super::{FusedLarsOps, LarsStep};
+    use crate::model::fused::{contiguous_f32, wide};
+    use crate::optim::fused::{CHUNK, contiguous, values_mut};
+    use burn::backend::Flex;
+    use burn::backend::tensor::FloatTensor;
+    use rayon::prelude::*;
+
+    impl FusedLarsOps for Flex {
+        fn fused_lars_step(
+            weight: FloatTensor<Flex>,
+            grad: FloatTensor<Flex>,
+            buffer: FloatTensor<Flex>,
+            step: LarsStep,
+        ) -> (FloatTensor<Flex>, FloatTensor<Flex>) {
+            let g = contiguous_f32(&grad);
+            let [mut weight, mut buffer] = [weight, buffer].map(contiguous);
+            let [w, b] = [&mut weight, &mut buffer].map(values_mut);
+            let (ratio, decay) = if step.adapt {
+                let [w_norm, g_norm] = norms(w, &g);
+                (step.ratio(w_norm, g_norm) as f32, step.weight_decay as f32)
+            } else {
+                (1.0, 0.0)
+            };
+            let (momentum, lr) = (step.momentum, step.lr as f32);
+            w.par_chunks_mut(CHUNK)
+                .zip(b.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|((w, b), g)| {
+                    let update = |w: f32, g: f32| {
+                        if step.adapt {
+                            (g + w * decay) * ratio
+                        } else {
+                            g
+                        }
+                    };
+                    for ((w, b), &g) in w.iter_mut().zip(b).zip(g) {
+                        *b = *b * momentum + update(*w, g);
+                        *w -= *b * lr;
+                    }
+                });
+            (weight, buffer)
+        }
+    }
+
+    /// `[||w||, ||g||]`, the sums of squares in f64 over chunks in parallel.
+    fn norms(w: &[f32], g: &[f32]) -> [f64; 2] {
+        let squares = |values: &[f32]| {
+            wide(
+                #[inline(always)]
+                || {
+                    let mut acc = [0f64; 8];
+                    for chunk in values.chunks(8) {
+                        for (a, &v) in acc.iter_mut().zip(chunk) {
+                            *a += (v as f64) * (v as f64);
+                        }
+                    }
+                    acc.iter().sum::<f64>()
+                },
+            )
+        };
+        let [w, g] = [w, g].map(|values| {
+            values
+                .par_chunks(CHUNK)
+                .map(squares)
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum::<f64>()
+                .sqrt()
+        });
+        [w, g]
     }
 }
 
@@ -193,5 +360,48 @@ mod tests {
             values(lars(false).scaled_gradient(0.1, &w, g)),
             vec![1.0; 4]
         );
+    }
+
+    /// Three steps of the fused pass against burn's ops, on tensors that span several parallel
+    /// chunks: a matrix (decay and trust ratio, clipped or not) and a bias (neither).
+    #[test]
+    fn fused_steps_match_burns_ops() {
+        use burn::tensor::Distribution;
+        let device = Device::default();
+        for clip_lr in [false, true] {
+            let lars = lars(clip_lr);
+            let shape = [3, crate::optim::fused::CHUNK + 7];
+            let start = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let bias = Tensor::<1>::random([40], Distribution::Normal(0.0, 1.0), &device);
+            let (mut ours, mut theirs) = ((start.clone(), None), (start, None));
+            let (mut ours_b, mut theirs_b) = ((bias.clone(), None), (bias, None));
+            for step in 0..3 {
+                let grad = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.1), &device);
+                let grad_b = Tensor::<1>::random([40], Distribution::Normal(0.0, 0.1), &device);
+                let lr = 0.5 * (step + 1) as f64;
+                assert!(crate::optim::fused::applies(&grad, &grad));
+                ours = lars.step(lr, ours.0, grad.clone(), ours.1);
+                theirs = lars.step_on_burn_ops(lr, theirs.0, grad, theirs.1);
+                ours_b = lars.step(lr, ours_b.0, grad_b.clone(), ours_b.1);
+                theirs_b = lars.step_on_burn_ops(lr, theirs_b.0, grad_b, theirs_b.1);
+                let pairs = [
+                    (values(ours.0.clone()), values(theirs.0.clone())),
+                    (
+                        values(ours.1.clone().unwrap().momentum),
+                        values(theirs.1.clone().unwrap().momentum),
+                    ),
+                ];
+                for (a, b) in pairs {
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                            "{x} vs {y}, step {step}"
+                        );
+                    }
+                }
+                // Without the trust ratio the operations are the same: to the bit.
+                assert_eq!(values(ours_b.0.clone()), values(theirs_b.0.clone()));
+            }
+        }
     }
 }
