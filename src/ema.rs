@@ -1,5 +1,7 @@
 //! The target network's exponential moving average of the online weights.
 
+use burn::backend::backend_extension;
+use burn::backend::tensor::FloatTensor;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -27,9 +29,76 @@ pub fn tau_at(schedule: TauSchedule, tau_base: f64, step: usize, total_steps: us
     }
 }
 
-/// One EMA step on one tensor: `tau * target + (1 - tau) * online`.
+/// One EMA step on one tensor: `tau * target + (1 - tau) * online`, on flex as one parallel
+/// pass in place (burn's ops, each on one thread below 4 Mi values, took three; see
+/// [`crate::optim::fused`]), with the same operations, so that the values agree to the bit.
 pub fn ema_step<const D: usize>(target: Tensor<D>, online: Tensor<D>, tau: f64) -> Tensor<D> {
+    // The target lives on the autodiff device, never tracked: the arithmetic needs no graph.
+    let autodiff = target.is_autodiff();
+    let (target, online) = (target.inner(), online.inner());
+    let blended = if crate::optim::fused::applies(&target, &online) {
+        Tensor::from_dispatch(<burn::backend::Dispatch as FusedEmaOps>::fused_ema_step(
+            target.into_dispatch(),
+            online.into_dispatch(),
+            tau,
+        ))
+    } else {
+        ema_step_on_burn_ops(target, online, tau)
+    };
+    if autodiff {
+        blended.autodiff()
+    } else {
+        blended
+    }
+}
+
+fn ema_step_on_burn_ops<const D: usize>(
+    target: Tensor<D>,
+    online: Tensor<D>,
+    tau: f64,
+) -> Tensor<D> {
     target.mul_scalar(tau) + online.mul_scalar(1.0 - tau)
+}
+
+#[backend_extension(Flex)]
+pub trait FusedEmaOps: burn::backend::Backend {
+    /// `tau * target + (1 - tau) * online`, written into `target`'s buffer.
+    fn fused_ema_step(
+        target: FloatTensor<Self>,
+        online: FloatTensor<Self>,
+        tau: f64,
+    ) -> FloatTensor<Self>;
+}
+
+mod flex {
+    use super::FusedEmaOps;
+    use crate::model::fused::contiguous_f32;
+    use crate::optim::fused::{CHUNK, contiguous, values_mut};
+    use burn::backend::Flex;
+    use burn::backend::tensor::FloatTensor;
+    use rayon::prelude::*;
+
+    impl FusedEmaOps for Flex {
+        fn fused_ema_step(
+            target: FloatTensor<Flex>,
+            online: FloatTensor<Flex>,
+            tau: f64,
+        ) -> FloatTensor<Flex> {
+            // burn's `mul_scalar` multiplies by the scalar as f32.
+            let (keep, take) = (tau as f32, (1.0 - tau) as f32);
+            let online = contiguous_f32(&online);
+            let mut target = contiguous(target);
+            values_mut(&mut target)
+                .par_chunks_mut(CHUNK)
+                .zip(online.par_chunks(CHUNK))
+                .for_each(|(t, o)| {
+                    for (t, &o) in t.iter_mut().zip(o) {
+                        *t = *t * keep + o * take;
+                    }
+                });
+            target
+        }
+    }
 }
 
 /// BatchNorm buffers are visited like parameters; their field names tell them apart.
@@ -194,5 +263,24 @@ mod tests {
         let target = update_target(target, &online, tau, true);
         let mean = flat(target.bn.running_mean.value());
         assert!(mean.iter().all(|m| (m - 0.1).abs() < 1e-6), "{mean:?}");
+    }
+
+    /// The fused pass against burn's ops on a tensor of several parallel chunks, to the bit, on
+    /// the autodiff device where the target lives (the result stays there).
+    #[test]
+    fn fused_step_matches_burns_ops_to_the_bit() {
+        use burn::tensor::Distribution;
+        let device = Device::default().autodiff();
+        let shape = [3, crate::optim::fused::CHUNK + 9];
+        let target = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let online = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        assert!(crate::optim::fused::applies(
+            &target.clone().inner(),
+            &online.clone().inner()
+        ));
+        let want = flat(ema_step_on_burn_ops(target.clone(), online.clone(), 0.996));
+        let got = ema_step(target, online, 0.996);
+        assert!(got.is_autodiff());
+        assert_eq!(flat(got), want);
     }
 }

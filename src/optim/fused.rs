@@ -1,4 +1,4 @@
-//! What the optimizers' one-pass steps on flex share: when they apply, and the parameter and
+//! What the optimizers' (and the EMA's) one-pass steps on flex share: when they apply, and the parameter and
 //! state tensors as slices updated in place.
 //!
 //! burn's optimizers are a dozen or more element-wise ops per parameter tensor, and flex runs
@@ -10,10 +10,10 @@ use burn_flex::FlexTensor;
 
 /// Values per parallel job: large enough that a job outweighs its scheduling, small enough
 /// that a 16 Ki-value bias still makes one job and a 2 Mi-value matrix many.
-pub(super) const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 /// Whether a step of `tensor` by `grad` takes a fused path: f32 values on flex.
-pub(super) fn applies<const D: usize>(tensor: &Tensor<D>, grad: &Tensor<D>) -> bool {
+pub(crate) fn applies<const D: usize>(tensor: &Tensor<D>, grad: &Tensor<D>) -> bool {
     let device = tensor.device();
     !device.is_autodiff()
         && crate::model::fused::is_flex(&device)
@@ -22,7 +22,7 @@ pub(super) fn applies<const D: usize>(tensor: &Tensor<D>, grad: &Tensor<D>) -> b
 }
 
 /// `t`, copied into row-major order if it is strided (parameters and state never are).
-pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.is_contiguous() {
         t
     } else {
@@ -32,7 +32,7 @@ pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
 
 /// The values of a contiguous f32 tensor, to write in place (burn's element-wise ops do the
 /// same with a tensor nobody else holds; one that is shared is copied first).
-pub(super) fn values_mut(t: &mut FlexTensor) -> &mut [f32] {
+pub(crate) fn values_mut(t: &mut FlexTensor) -> &mut [f32] {
     let (start, end) = t
         .layout()
         .contiguous_offsets()

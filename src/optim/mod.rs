@@ -1,7 +1,7 @@
 //! Optimizers and learning-rate schedules.
 
 pub mod adam;
-mod fused;
+pub(crate) mod fused;
 pub mod lars;
 pub mod schedule;
 
