@@ -5,8 +5,9 @@
 //! correction, square root, division, decay, update), each on one thread ([`super::fused`]):
 //! 10.6 ms of a 445 ms step at width 0.25. Here each tensor is read once and its parameter
 //! and moments written once, split over the rayon pool, with burn's operations in burn's order
-//! so that the values agree to the bit. The state is burn's `AdamState`, so checkpoints written with either load with either.
-//! Off flex (or for other dtypes) burn's `Adam` runs, and it is the reference in the tests.
+//! so that the values agree to the bit. The state is burn's `AdamState`, so checkpoints
+//! written with either load with either. Off flex (or for other dtypes) burn's `Adam` runs,
+//! and it is the reference in the tests.
 
 use burn::backend::backend_extension;
 use burn::backend::tensor::FloatTensor;
@@ -16,8 +17,8 @@ use burn::optim::{
 };
 use burn::tensor::{Device, Tensor};
 
-/// Adam with PyTorch's defaults (betas 0.9 and 0.999, epsilon 1e-8), L2 weight decay added to the
-/// gradient (PyTorch's `Adam(weight_decay=...)`).
+/// Adam with PyTorch's defaults (betas 0.9 and 0.999, epsilon 1e-8), L2 weight decay added
+/// to the gradient (PyTorch's `Adam(weight_decay=...)`).
 #[derive(Clone)]
 pub struct Adam {
     beta_1: f32,

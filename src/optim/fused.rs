@@ -1,5 +1,5 @@
-//! What the optimizers' (and the EMA's) one-pass steps on flex share: when they apply, and the parameter and
-//! state tensors as slices updated in place.
+//! What the optimizers' (and the EMA's) one-pass steps on flex share: when they apply, and
+//! the parameter and state tensors as slices updated in place.
 //!
 //! burn's optimizers are a dozen or more element-wise ops per parameter tensor, and flex runs
 //! each on one thread below 4 Mi values (every tensor of a ResNet-18 and its heads), so the
