@@ -1,7 +1,7 @@
 //! The target network's exponential moving average of the online weights.
 
-use burn::backend::backend_extension;
-use burn::backend::tensor::FloatTensor;
+#[cfg(feature = "flex")]
+use burn::backend::{backend_extension, tensor::FloatTensor};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,7 @@ pub fn ema_step<const D: usize>(target: Tensor<D>, online: Tensor<D>, tau: f64) 
     // The target lives on the autodiff device, never tracked: the arithmetic needs no graph.
     let autodiff = target.is_autodiff();
     let (target, online) = (target.inner(), online.inner());
+    #[cfg(feature = "flex")]
     let blended = if crate::optim::fused::applies(&target, &online) {
         Tensor::from_dispatch(<burn::backend::Dispatch as FusedEmaOps>::fused_ema_step(
             target.into_dispatch(),
@@ -45,6 +46,8 @@ pub fn ema_step<const D: usize>(target: Tensor<D>, online: Tensor<D>, tau: f64) 
     } else {
         ema_step_on_burn_ops(target, online, tau)
     };
+    #[cfg(not(feature = "flex"))]
+    let blended = ema_step_on_burn_ops(target, online, tau);
     if autodiff {
         blended.autodiff()
     } else {
@@ -60,6 +63,7 @@ fn ema_step_on_burn_ops<const D: usize>(
     target.mul_scalar(tau) + online.mul_scalar(1.0 - tau)
 }
 
+#[cfg(feature = "flex")]
 #[backend_extension(Flex)]
 pub trait FusedEmaOps: burn::backend::Backend {
     /// `tau * target + (1 - tau) * online`, written into `target`'s buffer.
@@ -70,6 +74,7 @@ pub trait FusedEmaOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
+#[cfg(feature = "flex")]
 mod flex {
     use super::FusedEmaOps;
     use crate::model::fused::contiguous_f32;
@@ -265,6 +270,7 @@ mod tests {
         assert!(mean.iter().all(|m| (m - 0.1).abs() < 1e-6), "{mean:?}");
     }
 
+    #[cfg(feature = "flex")]
     /// The fused pass against burn's ops on a tensor of several parallel chunks, to the bit, on
     /// the autodiff device where the target lives (the result stays there).
     #[test]

@@ -9,17 +9,18 @@
 //! written with either load with either. Off flex (or for other dtypes) burn's `Adam` runs,
 //! and it is the reference in the tests.
 
-use burn::backend::backend_extension;
-use burn::backend::tensor::FloatTensor;
+#[cfg(feature = "flex")]
+use burn::backend::{backend_extension, tensor::FloatTensor};
+#[cfg(feature = "flex")]
+use burn::optim::AdaptiveMomentumState;
 use burn::optim::decay::WeightDecayConfig;
-use burn::optim::{
-    Adam as BurnAdam, AdamConfig, AdamState, AdaptiveMomentumState, LearningRate, Optimizer,
-};
+use burn::optim::{Adam as BurnAdam, AdamConfig, AdamState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor};
 
 /// Adam with PyTorch's defaults (betas 0.9 and 0.999, epsilon 1e-8), L2 weight decay added
 /// to the gradient (PyTorch's `Adam(weight_decay=...)`).
 #[derive(Clone)]
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub struct Adam {
     beta_1: f32,
     beta_2: f32,
@@ -49,6 +50,7 @@ impl Adam {
 
     /// The scalars of step `time` (1 for the first) at rate `lr`, each computed as burn does
     /// (in f32).
+    #[cfg(feature = "flex")]
     fn scalars(&self, lr: LearningRate, time: usize) -> AdamScalars {
         let time = time as i32;
         let bias_correction2_sqrt = (1.0 - self.beta_2.powi(time)).sqrt();
@@ -63,21 +65,16 @@ impl Adam {
             weight_decay: self.weight_decay,
         }
     }
-}
 
-impl Optimizer for Adam {
-    type State<const D: usize> = AdamState<D>;
-
-    fn step<const D: usize>(
+    /// [`Optimizer::step`] as one flex operation.
+    #[cfg(feature = "flex")]
+    fn fused_step<const D: usize>(
         &self,
         lr: LearningRate,
         tensor: Tensor<D>,
         grad: Tensor<D>,
-        state: Option<Self::State<D>>,
-    ) -> (Tensor<D>, Option<Self::State<D>>) {
-        if !super::fused::applies(&tensor, &grad) {
-            return self.burn.step(lr, tensor, grad, state);
-        }
+        state: Option<AdamState<D>>,
+    ) -> (Tensor<D>, Option<AdamState<D>>) {
         // The first step is the general one from zero moments: `0 * beta + x` is `x` exactly.
         let (time, moment_1, moment_2) = match state {
             Some(AdamState { momentum }) => (momentum.time, momentum.moment_1, momentum.moment_2),
@@ -103,6 +100,24 @@ impl Optimizer for Adam {
             Some(AdamState::new(momentum)),
         )
     }
+}
+
+impl Optimizer for Adam {
+    type State<const D: usize> = AdamState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        #[cfg(feature = "flex")]
+        if super::fused::applies(&tensor, &grad) {
+            return self.fused_step(lr, tensor, grad, state);
+        }
+        self.burn.step(lr, tensor, grad, state)
+    }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
         BurnAdam::to_device(state, device)
@@ -110,6 +125,7 @@ impl Optimizer for Adam {
 }
 
 /// The per-step scalars of [`FusedAdamOps::fused_adam_step`].
+#[cfg(feature = "flex")]
 #[derive(Clone, Copy, Debug)]
 pub struct AdamScalars {
     beta_1: f32,
@@ -124,6 +140,7 @@ pub struct AdamScalars {
     weight_decay: Option<f32>,
 }
 
+#[cfg(feature = "flex")]
 impl AdamScalars {
     /// One value's step: `(parameter, moment_1, moment_2)` after it, in burn's order of
     /// operations.
@@ -140,6 +157,7 @@ impl AdamScalars {
     }
 }
 
+#[cfg(feature = "flex")]
 #[backend_extension(Flex)]
 pub trait FusedAdamOps: burn::backend::Backend {
     /// `(parameter, moment_1, moment_2)` after one Adam step.
@@ -152,6 +170,7 @@ pub trait FusedAdamOps: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
+#[cfg(feature = "flex")]
 mod flex {
     use super::{AdamScalars, FusedAdamOps};
     use crate::model::fused::{contiguous_f32, wide};
@@ -193,7 +212,7 @@ mod flex {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
     use burn::optim::GradientsParams;

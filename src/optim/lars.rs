@@ -11,8 +11,8 @@
 //! update of the weights and the momentum buffer in place. burn's ops (about twenty per
 //! tensor, each on one thread) run elsewhere and are the reference in the tests.
 
-use burn::backend::backend_extension;
-use burn::backend::tensor::FloatTensor;
+#[cfg(feature = "flex")]
+use burn::backend::{backend_extension, tensor::FloatTensor};
 use burn::optim::{LearningRate, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{Device, Tensor};
 
@@ -91,11 +91,11 @@ impl Optimizer for Lars {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
+        #[cfg(feature = "flex")]
         if super::fused::applies(&tensor, &grad) {
-            self.fused_step(lr, tensor, grad, state)
-        } else {
-            self.step_on_burn_ops(lr, tensor, grad, state)
+            return self.fused_step(lr, tensor, grad, state);
         }
+        self.step_on_burn_ops(lr, tensor, grad, state)
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
@@ -124,6 +124,7 @@ impl Lars {
     }
 
     /// [`Optimizer::step`] as one flex operation.
+    #[cfg(feature = "flex")]
     fn fused_step<const D: usize>(
         &self,
         lr: LearningRate,
@@ -156,6 +157,7 @@ impl Lars {
 }
 
 /// One LARS step's settings for [`FusedLarsOps::fused_lars_step`].
+#[cfg(feature = "flex")]
 #[derive(Clone, Copy, Debug)]
 pub struct LarsStep {
     lr: f64,
@@ -167,6 +169,7 @@ pub struct LarsStep {
     adapt: bool,
 }
 
+#[cfg(feature = "flex")]
 impl LarsStep {
     /// The trust ratio for the weights' and the gradient's norms, as
     /// [`Lars::scaled_gradient`] computes it.
@@ -183,6 +186,7 @@ impl LarsStep {
     }
 }
 
+#[cfg(feature = "flex")]
 #[backend_extension(Flex)]
 pub trait FusedLarsOps: burn::backend::Backend {
     /// `(weights, momentum buffer)` after one LARS step.
@@ -194,6 +198,7 @@ pub trait FusedLarsOps: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
+#[cfg(feature = "flex")]
 mod flex {
     use super::{FusedLarsOps, LarsStep};
     use crate::model::fused::{contiguous_f32, wide};
@@ -362,6 +367,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "flex")]
     /// Three steps of the fused pass against burn's ops, on tensors that span several parallel
     /// chunks: a matrix (decay and trust ratio, clipped or not) and a bias (neither).
     #[test]

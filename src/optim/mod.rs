@@ -1,6 +1,7 @@
 //! Optimizers and learning-rate schedules.
 
 pub mod adam;
+#[cfg(feature = "flex")]
 pub(crate) mod fused;
 pub mod lars;
 pub mod schedule;
