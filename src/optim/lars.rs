@@ -244,7 +244,8 @@ mod flex {
         }
     }
 
-    /// `[||w||, ||g||]`, the sums of squares in f64 over chunks in parallel.
+    /// `[||w||, ||g||]` in one parallel pass over both, the sums of squares in f64, added
+    /// chunk by chunk in order (so they do not depend on the threads).
     fn norms(w: &[f32], g: &[f32]) -> [f64; 2] {
         let squares = |values: &[f32]| {
             wide(
@@ -260,16 +261,13 @@ mod flex {
                 },
             )
         };
-        let [w, g] = [w, g].map(|values| {
-            values
-                .par_chunks(CHUNK)
-                .map(squares)
-                .collect::<Vec<f64>>()
-                .iter()
-                .sum::<f64>()
-                .sqrt()
-        });
-        [w, g]
+        let chunks: Vec<[f64; 2]> = w
+            .par_chunks(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .map(|(w, g)| [squares(w), squares(g)])
+            .collect();
+        let sum = |k: usize| chunks.iter().map(|c| c[k]).sum::<f64>().sqrt();
+        [sum(0), sum(1)]
     }
 }
 
