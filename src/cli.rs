@@ -169,8 +169,8 @@ pub struct BenchArgs {
     /// precision, as `train --precision`).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
-    /// `train` and `infer`: burn's own BatchNorm and convolution instead of byol's flex ones (the
-    /// before of a before/after).
+    /// `train` and `infer`: burn's own BatchNorm, convolution, optimizer and EMA steps instead
+    /// of byol's flex ones (the before of a before/after).
     #[arg(long)]
     pub burn_ops: bool,
     /// `data` only: augment these images (any `--data` layout) instead of random ones.

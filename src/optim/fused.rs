@@ -12,10 +12,12 @@ use burn_flex::FlexTensor;
 /// that a 16 Ki-value bias still makes one job and a 2 Mi-value matrix many.
 pub(crate) const CHUNK: usize = 16 * 1024;
 
-/// Whether a step of `tensor` by `grad` takes a fused path: f32 values on flex.
+/// Whether a step of `tensor` by `grad` takes a fused path: f32 values on flex, with byol's
+/// operations on (`--burn-ops` turns them off with the fused layers').
 pub(crate) fn applies<const D: usize>(tensor: &Tensor<D>, grad: &Tensor<D>) -> bool {
     let device = tensor.device();
-    !device.is_autodiff()
+    crate::model::fused::enabled()
+        && !device.is_autodiff()
         && crate::model::fused::is_flex(&device)
         && tensor.dtype() == DType::F32
         && grad.dtype() == DType::F32
