@@ -1,7 +1,8 @@
 //! k-nearest-neighbour classification of features by cosine similarity: the memory bank is the
 //! train split, the queries the test split.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::loss::l2_normalize;
@@ -52,6 +53,36 @@ pub fn rank_classes(scores: &[f64]) -> Vec<usize> {
 /// Query rows per similarity block: bounds memory to `CHUNK x bank` floats.
 const CHUNK: usize = 256;
 
+/// The `k` largest values of each row of the row-major `values` (rows of `columns`), best
+/// first, equal values in column order: `(value, column)`, `k` per row.
+///
+/// On the host rather than burn's `topk_with_indices`: on wgpu (cubecl 0.11) that returned
+/// indices of `-1` for `k` = 200 (as cubek's issue 422 reports for NVIDIA under Vulkan),
+/// and kNN's k is 200. The similarity block is read back anyway for the votes.
+pub fn top_k_per_row(values: &[f32], columns: usize, k: usize) -> Vec<(f32, usize)> {
+    let k = k.min(columns);
+    let mut best = vec![(0.0, 0); values.len() / columns.max(1) * k];
+    if k == 0 {
+        return best;
+    }
+    best.par_chunks_mut(k)
+        .zip(values.par_chunks(columns))
+        .for_each_init(Vec::new, |order, (best, row)| {
+            let better = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+            order.clear();
+            order.extend(0..columns);
+            if k < columns {
+                order.select_nth_unstable_by(k - 1, better);
+            }
+            let first = &mut order[..k];
+            first.sort_unstable_by(better);
+            for (b, &column) in best.iter_mut().zip(first.iter()) {
+                *b = (row[column], column);
+            }
+        });
+    best
+}
+
 /// Classifies every row of `queries` by its `k` most cosine-similar rows of `bank`, for each
 /// `k` in `ks` from one similarity pass (each k is capped at the bank's size), and scores the
 /// rankings against `query_labels`.
@@ -78,21 +109,11 @@ pub fn knn_accuracies(
     for start in (0..query_len).step_by(CHUNK) {
         let end = (start + CHUNK).min(query_len);
         let block = queries.clone().slice_dim(0, start..end);
-        let (sims, indices): (Tensor<2>, Tensor<2, Int>) =
-            block.matmul(bank_t.clone()).topk_with_indices(k_max, 1);
-        let sims: Vec<f32> = sims.into_data().iter::<f32>().collect();
-        let indices: Vec<usize> = indices
-            .into_data()
-            .iter::<i64>()
-            .map(|i| i as usize)
-            .collect();
-        for (row, label) in query_labels[start..end].iter().enumerate() {
-            let neighbours = row * k_max..(row + 1) * k_max;
-            let labels: Vec<usize> = indices[neighbours.clone()]
-                .iter()
-                .map(|&i| bank_labels[i])
-                .collect();
-            let sims = &sims[neighbours];
+        let block: Vec<f32> = block.matmul(bank_t.clone()).into_data().iter().collect();
+        let nearest = top_k_per_row(&block, bank_len, k_max);
+        for (neighbours, label) in nearest.chunks(k_max).zip(&query_labels[start..end]) {
+            let sims: Vec<f32> = neighbours.iter().map(|&(sim, _)| sim).collect();
+            let labels: Vec<usize> = neighbours.iter().map(|&(_, i)| bank_labels[i]).collect();
             for (&k, hit) in ks.iter().zip(hits.iter_mut()) {
                 let scores = class_scores(&sims[..k], &labels[..k], num_classes, vote, temperature);
                 let ranking = rank_classes(&scores);
@@ -155,6 +176,26 @@ mod tests {
         let scores = class_scores(&[0.9, 0.5, 0.4], &[1, 0, 0], 3, Vote::Majority, 0.1);
         assert_eq!(scores, vec![2.0, 1.0, 0.0]);
         assert_eq!(rank_classes(&scores), vec![0, 1, 2]);
+    }
+
+    /// Against a full sort of each row, with ties (equal values rank by column) and a `k`
+    /// beyond the row.
+    #[test]
+    fn top_k_per_row_is_the_head_of_each_sorted_row() {
+        let columns = 37;
+        let values: Vec<f32> = (0..5 * columns)
+            .map(|i| ((i * 7919) % 23) as f32 - 11.0)
+            .collect();
+        for k in [1, 5, 36, 37, 50] {
+            let best = top_k_per_row(&values, columns, k);
+            let k = k.min(columns);
+            assert_eq!(best.len(), 5 * k);
+            for (row, best) in values.chunks(columns).zip(best.chunks(k)) {
+                let mut sorted: Vec<(f32, usize)> = row.iter().copied().zip(0..).collect();
+                sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                assert_eq!(best, &sorted[..k], "k = {k}");
+            }
+        }
     }
 
     #[test]
