@@ -53,12 +53,37 @@ impl Backend {
             Backend::Cuda => Device::cuda(0usize),
             #[allow(unreachable_patterns)]
             other => {
-                let name = format!("{other:?}").to_lowercase();
                 bail!(
-                    "--device {name} is not compiled into this binary: rebuild with `--features {name}`"
+                    "--device {name} is not compiled into this binary: rebuild with `--features {name}`",
+                    name = other.name()
                 )
             }
         };
+        if self != Backend::Flex {
+            self.probe(&device)?;
+        }
         Ok(device.autodiff())
+    }
+
+    fn name(self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+
+    /// Starts a GPU backend with one small tensor read back. A machine without the driver or
+    /// adapter makes the backend panic on its own thread (wgpu: "no adapter found"); that
+    /// becomes an error naming the flag instead of a crash later in the run.
+    fn probe(self, device: &Device) -> Result<()> {
+        let device = device.clone();
+        let started = std::panic::catch_unwind(move || {
+            burn::tensor::Tensor::<1>::zeros([1], &device).into_data()
+        });
+        if started.is_err() {
+            bail!(
+                "--device {name}: the {name} backend could not start on this machine (its \
+                 message is above); check the GPU driver, or use another --device",
+                name = self.name()
+            );
+        }
+        Ok(())
     }
 }
