@@ -206,7 +206,7 @@ pub fn summary_table(rows: &[EpochMetrics]) -> String {
         v.map_or("-".to_string(), |v| format!("{:.*}", digits, v * scale))
     };
     let header = [
-        "epoch", "step", "loss", "lr", "tau", "top-1%", "top-5%", "img/s", "seconds",
+        "epoch", "step", "loss", "lr", "tau", "top-1%", "top-5%", "img/s", "seconds", "peak MiB",
     ];
     let mut out = header.map(|h| format!("{h:>9}")).join("") + "\n";
     for r in rows {
@@ -220,6 +220,7 @@ pub fn summary_table(rows: &[EpochMetrics]) -> String {
             cell(r.knn_top5, 100.0, 2),
             cell(r.images_per_sec, 1.0, 1),
             cell(r.epoch_seconds, 1.0, 0),
+            cell(r.peak_rss_mib, 1.0, 0),
         ];
         out += &(cells.map(|c| format!("{c:>9}")).join("") + "\n");
     }

@@ -381,11 +381,14 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             peak_rss_mib: peak_rss_mib(),
         };
         tracing::info!(
-            "epoch {epoch}/{epochs}: loss {:.4}, projection std x sqrt(d) {:.3}, {:.1} img/s, {:.0}s{}",
+            "epoch {epoch}/{epochs}: loss {:.4}, projection std x sqrt(d) {:.3}, {:.1} img/s, {:.0}s{}{}",
             row.loss.unwrap_or(f64::NAN),
             std * projection_dim.sqrt(),
             row.images_per_sec.unwrap_or(0.0),
             epoch_seconds,
+            row.peak_rss_mib
+                .map(|m| format!(", peak RSS {m:.0} MiB"))
+                .unwrap_or_default(),
             knn.map(|a| format!(
                 ", kNN top-1 {:.2}% top-5 {:.2}%",
                 100.0 * a.top1,
