@@ -4,9 +4,13 @@ Same model (ResNet-18 as torchvision's, with the CIFAR stem, projector Linear-BN
 Linear-ReLU-Linear as the `seed` preset), same step (online forward and backward on both views,
 target forward on both, Adam, EMA), random images. Prints one JSON line like `byol bench train`.
 With --infer: the backbone's forward in eval mode without gradients, as `byol bench infer`.
+With --device cuda: on the GPU, timed to the end of its work, with the GPU's peak memory;
+--amp there is PyTorch's automatic mixed precision (fp16 autocast with a gradient scaler),
+--bf16 the bf16 autocast.
 
     pip install torch
     python bench/pytorch_byol.py --width 1.0 --batch-size 128 --steps 10
+    python bench/pytorch_byol.py --device cuda --batch-size 512 --amp
 """
 
 import argparse
@@ -81,7 +85,15 @@ def main():
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--infer", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast and a gradient scaler")
     args = parser.parse_args()
+    if args.amp and args.bf16:
+        parser.error("--amp (fp16) and --bf16 exclude each other")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    low = torch.float16 if args.amp else torch.bfloat16
+    mixed = args.amp or args.bf16
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -93,28 +105,32 @@ def main():
     for p in target.parameters():
         p.requires_grad_(False)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    online, target = online.to(memory_format=fmt), target.to(memory_format=fmt)
+    online = online.to(device, memory_format=fmt)
+    target = target.to(device, memory_format=fmt)
+    predictor = predictor.to(device)
     opt = torch.optim.Adam(list(online.parameters()) + list(predictor.parameters()), lr=3e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
 
     b, s = args.batch_size, args.image_size
 
     # Made once, as `byol bench` does: the step is what is measured.
-    v1 = torch.randn(b, 3, s, s).to(memory_format=fmt)
-    v2 = torch.randn(b, 3, s, s).to(memory_format=fmt)
+    v1 = torch.randn(b, 3, s, s).to(device, memory_format=fmt)
+    v2 = torch.randn(b, 3, s, s).to(device, memory_format=fmt)
 
     def infer():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=low, enabled=mixed):
             net(v1)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=low, enabled=mixed):
             p1, p2 = predictor(online(v1)), predictor(online(v2))
             with torch.no_grad():
                 z1, z2 = target(v1), target(v2)
             loss = (loss_fn(p1.float(), z2.float()) + loss_fn(p2.float(), z1.float())).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         with torch.no_grad():
             for po, pt in zip(online.parameters(), target.parameters()):
                 pt.mul_(0.99).add_(po, alpha=0.01)
@@ -122,20 +138,30 @@ def main():
     if args.infer:
         net.eval()
         step = infer
+    # CUDA runs asynchronously: a step is timed to the end of its GPU work.
+    done = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
+    done()
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
         step()
+        done()
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
-    print(json.dumps({
-        "bench": "infer" if args.infer else "train", "stack": "pytorch" + (" channels_last" if args.channels_last else "") + (" bf16" if args.bf16 else ""),
+    stack = "pytorch" + (" cuda" if cuda else "") + (" channels_last" if args.channels_last else "")
+    stack += " amp fp16" if args.amp else " bf16" if args.bf16 else ""
+    report = {
+        "bench": "infer" if args.infer else "train", "stack": stack,
         "batch_size": b, "image_size": s, "images_per_sec": b / median,
         "timing": {"median_s": median, "min_s": min(times), "max_s": max(times), "steps": len(times)},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads(),
-    }))
+    }
+    if cuda:
+        report["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        report["device"] = torch.cuda.get_device_name()
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
