@@ -15,7 +15,8 @@
 #
 # Flags of the second form: [--device vulkan|wgpu] [--batch-size 512] [--width 1]
 # [--steps 10] [--torch-device cuda] [--binary PATH] (a byol binary to use instead of gpu/'s).
-# Each command has a time limit, so that the whole run ends within about nine minutes.
+# Each command has a time limit, and all together a budget (BUDGET, 540 s), so that the run
+# ends within a device call's ten minutes.
 # A benchmark, not a test: CI does not run it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,10 +74,23 @@ fi
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)
 echo "GPU: ${card:-(nvidia-smi found none)}" | tee -a "$log" >&2
 
+# Every command's limit is cut to what is left of the whole run's budget (a device call may
+# run ten minutes; this leaves one for starting and copying).
+deadline=$((SECONDS + ${BUDGET:-540}))
+limit_of() {
+  local left=$((deadline - SECONDS))
+  echo $(($1 < left ? $1 : left))
+}
+
 # Runs one benchmark under a time limit, keeps its JSON line (labelled) and its log.
 run() {
-  local label=$1 limit=$2
+  local label=$1 limit
+  limit=$(limit_of "$2")
   shift 2
+  if [ "$limit" -lt 10 ]; then
+    echo "== $label: skipped, the run's time budget is spent" | tee -a "$log" >&2
+    return
+  fi
   echo "== $label: $*" | tee -a "$log" >&2
   local line
   line=$(timeout "$limit" "$@" 2>/tmp/gpu-bench-stderr | tail -1)
@@ -91,25 +105,29 @@ run() {
 }
 
 common=(--width "$width" --batch-size "$batch" --steps "$steps" --warmup 3)
-run byol-train-f32 200 "$binary" bench train --device "$device" "${common[@]}"
-if ! grep -q '"byol-train-f32"' "$results" && [ "$device" = vulkan ]; then
-  device=wgpu  # wgpu's own choice of API and its WGSL compiler, if the SPIR-V path failed
-  run byol-train-f32 200 "$binary" bench train --device "$device" "${common[@]}"
-fi
-run byol-infer-f32 60 "$binary" bench infer --device "$device" "${common[@]}"
 torch=(python3 bench/pytorch_byol.py --device "$torch_device" --width "$width" --batch-size "$batch"
   --steps "$steps" --warmup 3)
 run torch-train-f32 60 "${torch[@]}"
 run torch-train-amp 60 "${torch[@]}" --amp
-run torch-train-bf16 60 "${torch[@]}" --bf16 --channels-last
-run torch-infer-f32 40 "${torch[@]}" --infer
-run torch-infer-amp 40 "${torch[@]}" --infer --amp
+run byol-train-f32 120 "$binary" bench train --device "$device" "${common[@]}"
+if ! grep -q '"byol-train-f32"' "$results" && [ "$device" = vulkan ]; then
+  device=wgpu  # wgpu's own choice of API and its WGSL compiler, if the SPIR-V path failed
+  run byol-train-f32 120 "$binary" bench train --device "$device" "${common[@]}"
+fi
+# f16 with a dynamic loss scale: where the GPU's tensor cores come in (wgpu has no bf16).
+run byol-train-f16 120 "$binary" bench train --device "$device" "${common[@]}" --precision f16
+run torch-train-bf16 45 "${torch[@]}" --bf16 --channels-last
+run byol-infer-f32 40 "$binary" bench infer --device "$device" "${common[@]}"
+run byol-infer-f16 40 "$binary" bench infer --device "$device" "${common[@]}" --precision f16
+run torch-infer-f32 30 "${torch[@]}" --infer
+run torch-infer-amp 30 "${torch[@]}" --infer --amp
 
 # A short training run on real images: img/s per epoch as `byol train` prints it, and the loss.
-if [ -f "$dir/cifar10-jpg.tar.gz" ]; then
+train_limit=$(limit_of 150)
+if [ -f "$dir/cifar10-jpg.tar.gz" ] && [ "$train_limit" -ge 30 ]; then
   rm -rf /tmp/byol-gpu-run
   echo "== byol train" | tee -a "$log" >&2
-  timeout 150 "$binary" train --device "$device" --data "$dir/cifar10-jpg.tar.gz" \
+  timeout "$train_limit" "$binary" train --device "$device" --data "$dir/cifar10-jpg.tar.gz" \
     --width "$width" --batch-size "$batch" --train-limit $((batch * 20)) --epochs 2 \
     --knn-every 2 --out /tmp/byol-gpu-run 2>&1 | tee -a "$log" | tail -4 >&2
   if [ -f /tmp/byol-gpu-run/metrics.jsonl ]; then
@@ -134,6 +152,7 @@ for label, name in [
     ("torch-train-amp", "PyTorch eager AMP (fp16 + grad scaler)"),
     ("torch-train-bf16", "PyTorch bf16 autocast + channels_last"),
     ("byol-train-f32", "byol (burn wgpu/vulkan) f32"),
+    ("byol-train-f16", "byol (burn wgpu/vulkan) f16, loss scaled"),
 ]:
     r = rate(label)
     if r is None:
@@ -145,7 +164,8 @@ for label, name in [
 print()
 print(f"| inference (eval forward) | img/s, batch {batch} |")
 print("|---|---|")
-for label, name in [("torch-infer-f32", "PyTorch fp32"), ("torch-infer-amp", "PyTorch AMP fp16"), ("byol-infer-f32", "byol f32")]:
+for label, name in [("torch-infer-f32", "PyTorch fp32"), ("torch-infer-amp", "PyTorch AMP fp16"),
+                    ("byol-infer-f32", "byol f32"), ("byol-infer-f16", "byol f16")]:
     r = rate(label)
     print(f"| {name} | {'(no result)' if r is None else f'{r:.1f}'} |")
 PY

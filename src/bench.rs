@@ -9,9 +9,9 @@ use crate::data::augment::AugmentConfig;
 use crate::data::folder::Dataset;
 use crate::data::loader::{epoch_order, two_view_batch};
 use crate::io::peak_rss_mib;
+use crate::optim::loss_scale::{self, LossScale};
 use crate::threads::SpinningWorkers;
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -110,13 +110,21 @@ pub fn bench_train(
     // Made once: drawing them (burn's random normal, on one thread) took 2% of a width-0.25
     // step, and the step is what is measured (`bench/pytorch_byol.py` does the same).
     let views = [0, 1].map(|_| random_views(batch, size, device));
+    let mut scale = config.train.precision.scales_loss().then(LossScale::new);
     let timing = time(warmup, steps, || {
         // As `byol train` holds it for each step.
         let _spinning = SpinningWorkers::start();
         let current = byol.take().expect("model present");
         let output = current.forward(views[0].clone(), views[1].clone());
-        let grads = GradientsParams::from_grads(output.loss.backward(), &current.online);
-        let online = optimizer.step(lr, current.online, grads);
+        let (grads, finite) = loss_scale::backward(output.loss, &current.online, scale.as_ref());
+        if let Some(scale) = &mut scale {
+            scale.update(finite);
+        }
+        let online = if finite {
+            optimizer.step(lr, current.online, grads)
+        } else {
+            current.online
+        };
         let next = crate::model::byol::Byol {
             online,
             target: current.target,

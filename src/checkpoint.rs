@@ -2,6 +2,7 @@
 
 use crate::io::write_atomic;
 use crate::model::byol::{Byol, ByolConfig, Encoder, OnlineNetwork};
+use crate::optim::loss_scale::LossScale;
 use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
@@ -31,6 +32,9 @@ pub struct TrainingState {
     pub projection_std_sum: f64,
     /// Consecutive finished epochs under the collapse threshold.
     pub low_std_epochs: usize,
+    /// The fp16 loss scale (`--precision f16`); absent otherwise and in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
 }
 
 fn save_module(module: &impl Module, path: &Path) -> Result<()> {

@@ -165,7 +165,7 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum)]
     pub device: Option<Backend>,
-    /// `train` and `infer`: float type of convolutions and linear layers (bf16: mixed
+    /// `train` and `infer`: float type of convolutions and linear layers (bf16, f16: mixed
     /// precision, as `train --precision`).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
@@ -352,8 +352,9 @@ pub struct TrainArgs {
     /// Sum the gradients of N batches into each optimizer step (effective batch N x batch size).
     #[arg(long)]
     pub accumulate: Option<usize>,
-    /// Mixed precision: bf16 convolutions and linear layers, f32 weights, BatchNorm, loss and
-    /// EMA (pays on GPUs; on flex bf16 is computed through f32 and is slower).
+    /// Mixed precision: bf16 (or f16) convolutions and linear layers, f32 weights, BatchNorm,
+    /// loss and EMA (bf16 pays on flex with Intel AMX; f16, with a dynamic loss scale, is for
+    /// GPUs, where burn's wgpu has no bf16 arithmetic).
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
     #[command(flatten)]
@@ -628,6 +629,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
             args.precision.check(&device)?;
+            config.train.precision = args.precision;
             let _autocast = autocast(args.precision);
             #[cfg(feature = "flex")]
             crate::model::fused::set_enabled(!args.burn_ops);

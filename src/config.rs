@@ -60,8 +60,9 @@ pub struct LoopConfig {
     /// BatchNorm still sees each batch on its own.
     #[serde(default = "default_accumulate")]
     pub accumulate: usize,
-    /// Float type of the convolutions and linear layers (`bf16`: mixed precision with f32
-    /// weights, BatchNorm, loss and EMA; see `model::precision`).
+    /// Float type of the convolutions and linear layers (`bf16`, `f16`: mixed precision with
+    /// f32 weights, BatchNorm, loss and EMA, f16 with a dynamic loss scale; see
+    /// `model::precision`).
     #[serde(default)]
     pub precision: Precision,
     /// Also keep a snapshot `checkpoints/epoch-NNNN` every this many epochs (0: only `last`).

@@ -13,10 +13,11 @@ use crate::io::{peak_rss_mib, write_atomic};
 use crate::loss::l2_normalize;
 use crate::model::byol::Byol;
 use crate::model::precision::autocast;
+use crate::optim::loss_scale::{self, LossScale};
 use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
 use crate::threads::SpinningWorkers;
 use anyhow::{Context, Result, bail};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -254,6 +255,12 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             vec![row],
         )
     };
+    // A run resumed from a checkpoint of another precision starts its loss scale afresh.
+    if config.train.precision.scales_loss() {
+        state.loss_scale.get_or_insert_with(LossScale::new);
+    } else {
+        state.loss_scale = None;
+    }
     if state.epoch >= epochs {
         tracing::info!("the run already has its {epochs} epochs (pass --epochs to extend it)");
         return Ok(RunResult {
@@ -281,6 +288,9 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
         bar.set_position(state.batch_in_epoch as u64);
         let (mut lr, mut tau, mut timed_batches) = (0.0, 0.0, 0usize);
         let mut accumulated = GradientsAccumulator::new();
+        // Whether a batch of the optimizer step being accumulated overflowed fp16, and how
+        // many steps this epoch were skipped for that.
+        let (mut overflowed, mut skipped_steps) = (false, 0usize);
         let remaining = batches_per_epoch.saturating_sub(state.batch_in_epoch);
         for batch in loader.take(remaining) {
             // The other workers spin through the step, not while the loader is awaited.
@@ -316,8 +326,10 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                 );
             }
             // Each of the `accumulate` batches contributes its share of the step's gradient.
-            let scaled = output.loss.div_scalar(accumulate as f64);
-            let grads = GradientsParams::from_grads(scaled.backward(), &byol.online);
+            let share = output.loss.div_scalar(accumulate as f64);
+            let (grads, finite) =
+                loss_scale::backward(share, &byol.online, state.loss_scale.as_ref());
+            overflowed |= !finite;
             state.loss_sum += loss;
             state.projection_std_sum += projection_std(output.online_projection);
             state.batch_in_epoch += 1;
@@ -332,8 +344,18 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                 }
                 accumulated.grads()
             };
-            byol.online = optimizer.step(lr, byol.online, grads);
-            byol = byol.update_target(tau, config.ema.average_bn_stats);
+            if let Some(scale) = &mut state.loss_scale {
+                scale.update(!overflowed);
+            }
+            if overflowed {
+                // As PyTorch's GradScaler: no update from gradients that overflowed fp16; the
+                // schedules still advance.
+                skipped_steps += 1;
+                overflowed = false;
+            } else {
+                byol.online = optimizer.step(lr, byol.online, grads);
+                byol = byol.update_target(tau, config.ema.average_bn_stats);
+            }
             state.step += 1;
             timed_batches += 1;
             bar.inc(1);
@@ -397,10 +419,17 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             .unwrap_or_default()
         );
         rows.push(row);
+        if let Some(scale) = &state.loss_scale {
+            tracing::info!(
+                "fp16 loss scale {}, {skipped_steps} step(s) of this epoch skipped for overflow",
+                scale.scale
+            );
+        }
         state = TrainingState {
             epoch,
             step: state.step,
             low_std_epochs: state.low_std_epochs,
+            loss_scale: state.loss_scale,
             ..Default::default()
         };
         checkpoint::save(&last, &byol, &optimizer, &state)?;

@@ -8,6 +8,10 @@
 //! and round to bf16 inside their GEMMs instead (`fused::amx`), which is where the speed is;
 //! without AMX they take burn's bf16 convolution as on any backend.
 //!
+//! float16 (`--precision f16`, for GPUs: burn's wgpu has no bf16 arithmetic) casts the same
+//! way; its five exponent bits need the loss scaled ([`crate::optim::loss_scale`]), which the
+//! training loop does when [`Precision::scales_loss`].
+//!
 //! The scope is per thread (as PyTorch's), so tests running side by side do not see each
 //! other's.
 
@@ -28,6 +32,8 @@ pub enum Precision {
     F32,
     /// bfloat16 compute with f32 weights, BatchNorm, loss and EMA.
     Bf16,
+    /// float16 compute as bf16, with the loss scaled dynamically (PyTorch's AMP; for GPUs).
+    F16,
 }
 
 impl Precision {
@@ -35,6 +41,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 
@@ -42,7 +49,13 @@ impl Precision {
         match self {
             Precision::F32 => None,
             Precision::Bf16 => Some(FloatDType::BF16),
+            Precision::F16 => Some(FloatDType::F16),
         }
+    }
+
+    /// Whether training multiplies the loss by a [`crate::optim::loss_scale::LossScale`].
+    pub fn scales_loss(self) -> bool {
+        self == Precision::F16
     }
 
     /// An error naming the flag when `device` cannot compute in this precision.

@@ -4,6 +4,7 @@ pub mod adam;
 #[cfg(feature = "flex")]
 pub(crate) mod fused;
 pub mod lars;
+pub mod loss_scale;
 pub mod schedule;
 
 use anyhow::{Result, bail};
