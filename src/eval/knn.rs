@@ -59,7 +59,7 @@ const CHUNK: usize = 256;
 /// On the host rather than burn's `topk_with_indices`: on wgpu (cubecl 0.11) that returned
 /// indices of `-1` for `k` = 200 (as cubek's issue 422 reports for NVIDIA under Vulkan),
 /// and kNN's k is 200. The similarity block is read back anyway for the votes.
-pub fn top_k_per_row(values: &[f32], columns: usize, k: usize) -> Vec<(f32, usize)> {
+fn top_k_per_row(values: &[f32], columns: usize, k: usize) -> Vec<(f32, usize)> {
     let k = k.min(columns);
     let mut best = vec![(0.0, 0); values.len() / columns.max(1) * k];
     if k == 0 {
