@@ -117,19 +117,15 @@ pub fn bench_train(
         let current = byol.take().expect("model present");
         let output = current.forward(views[0].clone(), views[1].clone());
         let (grads, finite) = loss_scale::backward(output.loss, &current.online, scale.as_ref());
-        if let Some(scale) = &mut scale {
-            scale.update(finite);
-        }
-        let online = if finite {
-            optimizer.step(lr, current.online, grads)
+        let next = if loss_scale::take_step(scale.as_mut(), finite) {
+            crate::model::byol::Byol {
+                online: optimizer.step(lr, current.online, grads),
+                target: current.target,
+            }
+            .update_target(config.ema.tau_base, false)
         } else {
-            current.online
+            current
         };
-        let next = crate::model::byol::Byol {
-            online,
-            target: current.target,
-        }
-        .update_target(config.ema.tau_base, false);
         // Wait for the step to finish (asynchronous backends).
         let _ = next.target.projector.linear2.weight.val().into_data();
         byol = Some(next);

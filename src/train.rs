@@ -344,18 +344,14 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                 }
                 accumulated.grads()
             };
-            if let Some(scale) = &mut state.loss_scale {
-                scale.update(!overflowed);
-            }
-            if overflowed {
-                // As PyTorch's GradScaler: no update from gradients that overflowed fp16; the
-                // schedules still advance.
-                skipped_steps += 1;
-                overflowed = false;
-            } else {
+            // A skipped step still advances the schedules.
+            if loss_scale::take_step(state.loss_scale.as_mut(), !overflowed) {
                 byol.online = optimizer.step(lr, byol.online, grads);
                 byol = byol.update_target(tau, config.ema.average_bn_stats);
+            } else {
+                skipped_steps += 1;
             }
+            overflowed = false;
             state.step += 1;
             timed_batches += 1;
             bar.inc(1);

@@ -50,9 +50,19 @@ impl Default for LossScale {
     }
 }
 
+/// Records in `scale` (where there is one) whether a step's gradients were `finite`, and
+/// says whether to take the step: not from gradients that overflowed fp16 (PyTorch's
+/// GradScaler skips the optimizer step; here the EMA too, as the online weights stay put).
+pub fn take_step(scale: Option<&mut LossScale>, finite: bool) -> bool {
+    if let Some(scale) = scale {
+        scale.update(finite);
+    }
+    finite
+}
+
 /// The gradients of `loss` for `module`'s parameters, and whether they are all finite. With a
 /// `scale`, the loss is multiplied by it before the backward pass and the gradients divided
-/// by it after; the caller skips a step whose gradients are not finite and updates the scale.
+/// by it after; [`take_step`] then says whether to take the step.
 pub fn backward<M: Module>(
     loss: Tensor<1>,
     module: &M,
@@ -142,6 +152,16 @@ mod tests {
                 good_steps: 0
             }
         );
+    }
+
+    #[test]
+    fn a_step_is_taken_only_from_finite_gradients_and_recorded_in_the_scale() {
+        assert!(take_step(None, true));
+        let mut s = LossScale::new();
+        assert!(!take_step(Some(&mut s), false));
+        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
+        assert!(take_step(Some(&mut s), true));
+        assert_eq!(s.good_steps, 1);
     }
 
     fn linear_grads(scale: f64, poison: bool) -> (Linear, GradientsParams, Tensor<2>) {
