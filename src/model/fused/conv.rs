@@ -1042,7 +1042,8 @@ pub(super) mod flex {
     /// [`convolve`] of a 3x3, stride-1, padding-1 convolution by Winograd's F(4x4, 3x3)
     /// ([`winograd`]): per block of samples (or of tile rows, for large images), the padded
     /// input copied channels-last and transformed, 36 single-threaded GEMMs
-    /// `[C_out, C_in] x [C_in, tiles]`, and their products transformed into the output.
+    /// `[C_out, C_in] x [C_in, tiles]` (gemm's, or [`winograd::point_products`]), and their
+    /// products transformed into the output.
     fn winograd_convolve(
         g: &Geometry,
         xs: &[f32],
@@ -1054,6 +1055,7 @@ pub(super) mod flex {
         let transformed = winograd::transform_weights(weights, [cout, cin]);
         let (th, tw) = (g.ho.div_ceil(tile), g.wo.div_ceil(tile));
         let [group, tile_rows] = g.winograd_blocks(tile, points);
+        let layout = winograd::Layout::for_channels(cin, cout);
         // SAFETY: the output transform writes every slot of its tile rows, and the tile rows
         // cover the block.
         unsafe {
@@ -1078,11 +1080,7 @@ pub(super) mod flex {
                         for first in (0..th).step_by(tile_rows) {
                             let rows = tile_rows.min(th - first);
                             let tiles = count * rows * tw;
-                            let (in_stride, out_stride) = (
-                                winograd::point_stride(tiles * cin),
-                                winograd::point_stride(tiles * cout),
-                            );
-                            let inputs = prefix(&mut scratch.columns, points * in_stride);
+                            let inputs = prefix(&mut scratch.columns, layout.len(tiles, cin));
                             wide(
                                 #[inline(always)]
                                 || {
@@ -1092,22 +1090,34 @@ pub(super) mod flex {
                                         [first, rows],
                                         tw,
                                         inputs,
+                                        layout,
                                     )
                                 },
                             );
-                            let products = prefix(&mut scratch.product, points * out_stride);
-                            for p in 0..points {
-                                gemm_into(
-                                    &mut products[p * out_stride..][..tiles * cout],
-                                    [1, cout],
-                                    [cout, tiles, cin],
-                                    &transformed[p * cout..],
-                                    [1, points * cout],
-                                    &inputs[p * in_stride..][..tiles * cin],
-                                    [1, cin],
-                                    false,
-                                    gemm::Parallelism::None,
+                            let products = prefix(&mut scratch.product, layout.len(tiles, cout));
+                            if layout == winograd::Layout::TileMajor {
+                                winograd::point_products(
+                                    inputs,
+                                    &transformed,
+                                    products,
+                                    [tiles, cin, cout],
                                 );
+                            } else {
+                                let [in_tile, in_point] = layout.strides(tiles, cin);
+                                let [out_tile, out_point] = layout.strides(tiles, cout);
+                                for p in 0..points {
+                                    gemm_into(
+                                        &mut products[p * out_point..],
+                                        [1, out_tile],
+                                        [cout, tiles, cin],
+                                        &transformed[p * cout..],
+                                        [1, points * cout],
+                                        &inputs[p * in_point..],
+                                        [1, in_tile],
+                                        false,
+                                        gemm::Parallelism::None,
+                                    );
+                                }
                             }
                             wide(
                                 #[inline(always)]
@@ -1118,6 +1128,7 @@ pub(super) mod flex {
                                         [first, rows],
                                         &mut scratch.band,
                                         block,
+                                        layout,
                                     )
                                 },
                             );
@@ -1504,27 +1515,36 @@ mod tests {
         // 9x9 images span several tiles of output rows, 3x3 ones (and 5x5 with stride 2) end
         // in a partial tile (at stride 1, partial Winograd tiles too, and an im2col weight
         // gradient); 2x2 ones with stride 2 (one output position each) go several to a tile.
-        for (kernel, stride, pad, size, cout) in [
-            (3, 1, 1, 9, 6),
-            (1, 1, 0, 9, 6),
-            (3, 2, 1, 9, 6),
-            (1, 2, 0, 9, 6),
-            (7, 2, 3, 9, 6),
-            (3, 2, 1, 2, 6),
-            (3, 1, 1, 3, 6),
-            (3, 2, 1, 5, 6),
+        for (kernel, stride, pad, size, [cin, cout]) in [
+            (3, 1, 1, 9, [4, 6]),
+            (1, 1, 0, 9, [4, 6]),
+            (3, 2, 1, 9, [4, 6]),
+            (1, 2, 0, 9, [4, 6]),
+            (7, 2, 3, 9, [4, 6]),
+            (3, 2, 1, 2, [4, 6]),
+            (3, 1, 1, 3, [4, 6]),
+            (3, 2, 1, 5, [4, 6]),
             // Output rows of 8 and 4: the fixed-size row copies (and Winograd at stride 1,
             // over several tile rows; at 2x2, one tile per sample, several samples per GEMM).
-            (3, 1, 1, 8, 6),
-            (3, 1, 1, 2, 6),
-            (3, 2, 1, 8, 6),
+            (3, 1, 1, 8, [4, 6]),
+            (3, 1, 1, 2, [4, 6]),
+            (3, 2, 1, 8, [4, 6]),
             // 20 output channels: a Winograd weight gradient large enough that the threads
             // split its points rather than its samples.
-            (3, 1, 1, 8, 20),
+            (3, 1, 1, 8, [4, 20]),
+            // Channels in whole vectors: on AVX-512, the Winograd transforms in registers, and
+            // the products of up to 32 output channels by `winograd::point_products` (in the
+            // forward and, channels swapped, the input gradient).
+            (3, 1, 1, 8, [16, 16]),
+            (3, 1, 1, 8, [16, 32]),
+            (3, 1, 1, 4, [32, 64]),
         ] {
-            let conv = test_conv([4, cout], kernel, stride, pad, &device);
-            let x =
-                Tensor::<4>::random([3, 4, size, size], Distribution::Normal(0.0, 1.0), &device);
+            let conv = test_conv([cin, cout], kernel, stride, pad, &device);
+            let x = Tensor::<4>::random(
+                [3, cin, size, size],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
             assert!(gemm_path(&conv, &x).is_some());
             let run = |ours: bool| {
                 let x = x.clone().detach().require_grad();

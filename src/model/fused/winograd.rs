@@ -23,10 +23,14 @@
 //!
 //! Layouts, channels innermost so that every transform works on whole runs of channels,
 //! whatever the image size: padded input `[count, hp, wp, C_in]`, transformed weights `[C_in,
-//! 36, C_out]`, transformed inputs `[points, tiles, C_in]` and products `[points, tiles,
-//! C_out]` (each point [`point_stride`] apart). The GEMM of point `p` is `[C_out, C_in] x [C_in,
-//! tiles]`: its `lhs` (weights) has `C_out` contiguous and its `rhs` has `k = C_in` contiguous,
-//! as gemm reads them best.
+//! 36, C_out]`. The forward's transformed inputs `[tiles, 36, C_in]` and products `[tiles, 36,
+//! C_out]` keep each tile's 36 points together, so that a tile's transform reads or writes one
+//! contiguous run (point by point, 36 streams of lines not in L1 bound the transforms: the
+//! 16-channel forward 1.08x); the weight gradient's are point by point (`[points, tiles, C]`,
+//! each point [`point_stride`] apart). The GEMM of point `p` is `[C_out, C_in] x [C_in,
+//! tiles]`: its `lhs` (weights) has `C_out` contiguous and its `rhs` has `k = C_in`
+//! contiguous, as gemm reads them best; up to 32 output channels on AVX-512 it is
+//! [`point_products`], for all 36 points at once.
 
 use std::mem::MaybeUninit;
 
@@ -125,7 +129,7 @@ fn g_times([a, b, c]: [f32; 3]) -> [f32; 6] {
     ]
 }
 
-/// `B^T v` of F(4x4, 3x3).
+/// `B^T v` of F(4x4, 3x3) (and in AVX-512 registers, [`avx512::bt_times`]).
 #[inline(always)]
 fn bt_times([v0, v1, v2, v3, v4, v5]: [f32; 6]) -> [f32; 6] {
     let (sum, diff) = (v4 - 4.0 * v2, v3 - 4.0 * v1);
@@ -140,7 +144,7 @@ fn bt_times([v0, v1, v2, v3, v4, v5]: [f32; 6]) -> [f32; 6] {
     ]
 }
 
-/// `A^T v` of F(4x4, 3x3).
+/// `A^T v` of F(4x4, 3x3) (and in AVX-512 registers, [`avx512::at_times`]).
 #[inline(always)]
 fn at_times([v0, v1, v2, v3, v4, v5]: [f32; 6]) -> [f32; 4] {
     let (sum, diff) = (v1 + v2, v1 - v2);
@@ -153,10 +157,320 @@ fn at_times([v0, v1, v2, v3, v4, v5]: [f32; 6]) -> [f32; 4] {
     ]
 }
 
+/// How the forward lays out a block's transformed tiles and products, and so how it
+/// computes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Layout {
+    /// `[36, tiles, C]`, each point [`point_stride`] apart: transforms lane by lane (the
+    /// compiler's vectors), gemm's products.
+    PointMajor,
+    /// `[tiles, 36, C]`, each tile's points contiguous: transforms in AVX-512 registers
+    /// ([`avx512`]) and the products by [`point_products`].
+    TileMajor,
+}
+
+impl Layout {
+    /// For a convolution of `C_in` to `C_out` channels: tile-major on AVX-512 for the narrow
+    /// layers, both channel counts 16 or 32. There a tile's transform reads or writes one
+    /// contiguous run instead of a line in each of 36 streams, and gemm's 16 x 6 kernel, its
+    /// packing and per-call work cost more than the products (per tile of 16 channels 160-170
+    /// against 250 ns, of 32 channels 490 against 520): the 16-channel forward 1.08x. From 64
+    /// channels gemm's blocking of the weights is ahead (1.7 against 2.3 us a tile), and
+    /// tile-major rows slowed its operands (width 1: 0.97x).
+    pub(super) fn for_channels(cin: usize, cout: usize) -> Self {
+        let narrow = |c: usize| c.is_multiple_of(LANES) && c <= 2 * LANES;
+        if narrow(cin) && narrow(cout) && super::level() == super::Level::Avx512 {
+            Layout::TileMajor
+        } else {
+            Layout::PointMajor
+        }
+    }
+
+    /// Floats of a block of `tiles` tiles of `c` channels.
+    pub(super) fn len(self, tiles: usize, c: usize) -> usize {
+        match self {
+            Layout::PointMajor => POINTS * point_stride(tiles * c),
+            Layout::TileMajor => tiles * POINTS * c,
+        }
+    }
+
+    /// `[tile, point]`: how far apart two tiles' (and two points') runs of `c` channels lie.
+    pub(super) fn strides(self, tiles: usize, c: usize) -> [usize; 2] {
+        match self {
+            Layout::PointMajor => [c, point_stride(tiles * c)],
+            Layout::TileMajor => [POINTS * c, c],
+        }
+    }
+}
+
+/// The forward's per-tile transforms a register of [`LANES`] channels at a time, and its
+/// products, in the [`Layout::TileMajor`] layout. Lane by lane ([`input_tile`], [`output_tile`]) the compiler's
+/// vectors went through arrays on the stack per tile. Functions compiled for AVX-512 with the
+/// intrinsics written out: operators on a register type would not inline (trait methods
+/// cannot be compiled for AVX-512, and an intrinsic called outside such a function stays a
+/// call). The same operations in the same order as [`bt_times`] and [`at_times`], so both
+/// paths give the same bits (a test holds them to it).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{LANES, POINTS, TILE};
+    use std::arch::x86_64::{
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _mm512_storeu_ps, _mm512_sub_ps,
+    };
+
+    /// The 36 GEMMs of a block of `tiles` tiles: `products[t][p][co] = sum over ci of
+    /// inputs[t][p][ci] weights[ci][p][co]` (transformed tiles `[tiles, 36, C_in]`, weights
+    /// `[C_in, 36, C_out]`, products `[tiles, 36, C_out]`), `C_out` in whole vectors. Per
+    /// point and pair of output vectors (or the last single one), eight tiles at a time summed
+    /// in registers: each input channel loads the weight vectors and broadcasts one input
+    /// value per tile into an FMA each (eight independent sums cover the FMA's latency). At 16
+    /// channels gemm's 16 x 6 kernel, its packing and per-call work cost more than these
+    /// products.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn point_products(
+        inputs: &[f32],
+        weights: &[f32],
+        products: &mut [f32],
+        [tiles, cin, cout]: [usize; 3],
+    ) {
+        assert!(cout % LANES == 0, "output channels in whole vectors");
+        assert!(
+            inputs.len() >= tiles * POINTS * cin,
+            "transformed inputs size"
+        );
+        assert!(
+            weights.len() >= cin * POINTS * cout,
+            "transformed weights size"
+        );
+        assert!(products.len() >= tiles * POINTS * cout, "products size");
+        let buffers = [
+            inputs.as_ptr(),
+            weights.as_ptr(),
+            products.as_mut_ptr() as *const f32,
+        ];
+        for p in 0..POINTS {
+            for v in (0..cout).step_by(2 * LANES) {
+                // SAFETY: the tiles, point `p` and the vectors from `v` lie within the
+                // asserted sizes.
+                unsafe {
+                    if cout - v == LANES {
+                        tile_runs::<8, 1>(buffers, [tiles, p, v], [cin, cout])
+                    } else {
+                        tile_runs::<8, 2>(buffers, [tiles, p, v], [cin, cout])
+                    }
+                }
+            }
+        }
+    }
+
+    /// Output vectors `v..v + V` of point `p` for all tiles, `T` tiles at a time (the rest one
+    /// by one).
+    ///
+    /// # Safety
+    /// As [`tile_sums`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_runs<const T: usize, const V: usize>(
+        buffers: [*const f32; 3],
+        [tiles, p, v]: [usize; 3],
+        sizes: [usize; 2],
+    ) {
+        let mut t0 = 0;
+        while t0 + T <= tiles {
+            // SAFETY: the caller's contract, for tiles `t0..t0 + T`.
+            unsafe { tile_sums::<T, V>(buffers, [t0, p, v], sizes) };
+            t0 += T;
+        }
+        for t in t0..tiles {
+            // SAFETY: as above, for tile `t`.
+            unsafe { tile_sums::<1, V>(buffers, [t, p, v], sizes) };
+        }
+    }
+
+    /// Products of point `p` and output channels `v..v + 16 V` for tiles `t0..t0 + T`.
+    ///
+    /// # Safety
+    /// The tiles, `p` and the channels lie within the buffers `[inputs, weights, products]`
+    /// of [`point_products`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_sums<const T: usize, const V: usize>(
+        [x, w, out]: [*const f32; 3],
+        [t0, p, v]: [usize; 3],
+        [cin, cout]: [usize; 2],
+    ) {
+        let mut sums = [[_mm512_setzero_ps(); V]; T];
+        for ci in 0..cin {
+            let row = (ci * POINTS + p) * cout + v;
+            // Not `std::array::from_fn`: its closure would stay a call, compiled without
+            // AVX-512 (see [`super::super::wide`]).
+            let mut weights = [_mm512_setzero_ps(); V];
+            for (k, weights) in weights.iter_mut().enumerate() {
+                // SAFETY: within the buffers (the caller's contract).
+                *weights = unsafe { _mm512_loadu_ps(w.add(row + k * LANES)) };
+            }
+            for (t, sums) in sums.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let input = _mm512_set1_ps(unsafe { *x.add(((t0 + t) * POINTS + p) * cin + ci) });
+                for (sum, &weights) in sums.iter_mut().zip(&weights) {
+                    *sum = _mm512_fmadd_ps(input, weights, *sum);
+                }
+            }
+        }
+        for (t, sums) in sums.iter().enumerate() {
+            for (k, &sum) in sums.iter().enumerate() {
+                let at = ((t0 + t) * POINTS + p) * cout + v + k * LANES;
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps((out as *mut f32).add(at), sum) };
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn bt_times([v0, v1, v2, v3, v4, v5]: [__m512; 6]) -> [__m512; 6] {
+        let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
+        let (two, four, five) = (
+            _mm512_set1_ps(2.0),
+            _mm512_set1_ps(4.0),
+            _mm512_set1_ps(5.0),
+        );
+        let (sum, diff) = (sub(v4, mul(four, v2)), sub(v3, mul(four, v1)));
+        let (sum2, diff2) = (sub(v4, v2), mul(two, sub(v3, v1)));
+        [
+            add(sub(mul(four, v0), mul(five, v2)), v4),
+            add(sum, diff),
+            sub(sum, diff),
+            add(sum2, diff2),
+            sub(sum2, diff2),
+            add(sub(mul(four, v1), mul(five, v3)), v5),
+        ]
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn at_times([v0, v1, v2, v3, v4, v5]: [__m512; 6]) -> [__m512; 4] {
+        let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
+        let (two, four, eight) = (
+            _mm512_set1_ps(2.0),
+            _mm512_set1_ps(4.0),
+            _mm512_set1_ps(8.0),
+        );
+        let (sum, diff) = (add(v1, v2), sub(v1, v2));
+        let (sum2, diff2) = (add(v3, v4), sub(v3, v4));
+        [
+            add(add(v0, sum), sum2),
+            add(diff, mul(two, diff2)),
+            add(sum, mul(four, sum2)),
+            add(add(diff, mul(eight, diff2)), v5),
+        ]
+    }
+
+    /// [`super::two_sided`] in registers: `v[i][j]` the tile, `times` each column and then
+    /// each row of the result. Written out without closures or `map`: one left out of line is
+    /// a call per use.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn two_sided<const R: usize>(
+        v: &[[__m512; 6]; 6],
+        times: impl Fn([__m512; 6]) -> [__m512; R],
+    ) -> [[__m512; R]; R] {
+        let mut columns = [[_mm512_setzero_ps(); R]; 6];
+        for (j, column) in columns.iter_mut().enumerate() {
+            *column = times([v[0][j], v[1][j], v[2][j], v[3][j], v[4][j], v[5][j]]);
+        }
+        let mut rows = [[_mm512_setzero_ps(); R]; R];
+        for (i, row) in rows.iter_mut().enumerate() {
+            let c = &columns;
+            *row = times([c[0][i], c[1][i], c[2][i], c[3][i], c[4][i], c[5][i]]);
+        }
+        rows
+    }
+
+    /// [`super::input_tile`] for `c` in whole vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn input_tile(
+        patch: &[f32],
+        [row, c]: [usize; 2],
+        out: &mut [f32],
+        [at, stride]: [usize; 2],
+    ) {
+        assert!(c % LANES == 0 && patch.len() >= 5 * row + 6 * c);
+        assert!(out.len() >= 35 * stride + at + c);
+        for k0 in (0..c).step_by(LANES) {
+            let mut d = [[_mm512_setzero_ps(); 6]; 6];
+            for (i, pixels) in d.iter_mut().enumerate() {
+                for (j, pixel) in pixels.iter_mut().enumerate() {
+                    // SAFETY: within `patch` (asserted above).
+                    *pixel = unsafe { _mm512_loadu_ps(patch.as_ptr().add(i * row + j * c + k0)) };
+                }
+            }
+            for (i, points) in two_sided(&d, |v| bt_times(v)).iter().enumerate() {
+                for (j, &point) in points.iter().enumerate() {
+                    let at = (6 * i + j) * stride + at + k0;
+                    // SAFETY: within `out` (asserted above).
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), point) };
+                }
+            }
+        }
+    }
+
+    /// [`super::output_tile`] for `cout` in whole vectors: the tile's products of each point
+    /// from `at`, `stride` apart, as its 4x4 outputs channels-last into `band`, output `(a,
+    /// b)` at `a * row + b * cout` (`row` apart).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn output_tile(
+        products: &[f32],
+        [at, stride, cout]: [usize; 3],
+        band: &mut [f32],
+        row: usize,
+    ) {
+        assert!(cout % LANES == 0 && products.len() >= 35 * stride + at + cout);
+        assert!(band.len() >= (TILE - 1) * row + TILE * cout);
+        for c0 in (0..cout).step_by(LANES) {
+            let mut m = [[_mm512_setzero_ps(); 6]; 6];
+            for (i, points) in m.iter_mut().enumerate() {
+                for (j, point) in points.iter_mut().enumerate() {
+                    let at = (6 * i + j) * stride + at + c0;
+                    // SAFETY: within `products` (asserted above).
+                    *point = unsafe { _mm512_loadu_ps(products.as_ptr().add(at)) };
+                }
+            }
+            for (a, outputs) in two_sided(&m, |v| at_times(v)).iter().enumerate() {
+                for (b, &value) in outputs.iter().enumerate() {
+                    let at = a * row + b * cout + c0;
+                    // SAFETY: within `band` (asserted above).
+                    unsafe { _mm512_storeu_ps(band.as_mut_ptr().add(at), value) };
+                }
+            }
+        }
+    }
+}
+
+/// The 36 GEMMs of a block of `tiles` transformed tiles with the transformed weights
+/// (`[C_in, 36, C_out]`) into `products`, tiles and products [`Layout::TileMajor`] (which
+/// the channels must allow).
+pub(super) fn point_products(
+    inputs: &[f32],
+    weights: &[f32],
+    products: &mut [f32],
+    sizes: [usize; 3],
+) {
+    let [_, cin, cout] = sizes;
+    assert_eq!(Layout::for_channels(cin, cout), Layout::TileMajor);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the layout is tile-major only where the CPU has AVX-512.
+    unsafe {
+        avx512::point_products(inputs, weights, products, sizes)
+    }
+}
+
 /// The 6x6 patches of output tile rows `first..first + rows` of `count` padded channels-last
 /// samples (`[count, hp, wp, C]`, padding 1 before, zeros after the image out to whole tiles)
-/// as `B^T d B`, into `out` (`[36, tiles, C]`, tile `(s, ty, tx)` at `(s * rows + ty - first) *
-/// tw + tx`).
+/// as `B^T d B`, into `out` (laid out as `layout`, tile `(s, ty, tx)` number `(s * rows + ty -
+/// first) * tw + tx`).
 #[inline(always)]
 pub(super) fn transform_input(
     padded: &[f32],
@@ -164,10 +478,11 @@ pub(super) fn transform_input(
     [first, rows]: [usize; 2],
     tw: usize,
     out: &mut [f32],
+    layout: Layout,
 ) {
     let tiles = count * rows * tw;
-    let stride = point_stride(tiles * c);
-    assert_eq!(out.len(), POINTS * stride, "transformed input size");
+    let [tile_stride, stride] = layout.strides(tiles, c);
+    assert_eq!(out.len(), layout.len(tiles, c), "transformed input size");
     assert!(padded.len() >= count * hp * wp * c && wp >= TILE * tw + 2);
     assert!(
         TILE * (first + rows) + 2 <= hp,
@@ -182,7 +497,14 @@ pub(super) fn transform_input(
                 let tile = (s * rows + ty - first) * tw + tx;
                 let corner = ((s * hp + TILE * ty) * wp + TILE * tx) * c;
                 let patch = &padded[corner..];
-                input_tile(patch, [wp * c, c], &mut arrays, out, [tile * c, stride]);
+                let at = [tile * tile_stride, stride];
+                #[cfg(target_arch = "x86_64")]
+                if layout == Layout::TileMajor {
+                    // SAFETY: the layout is tile-major only where the CPU has AVX-512.
+                    unsafe { avx512::input_tile(patch, [wp * c, c], out, at) };
+                    continue;
+                }
+                input_tile(patch, [wp * c, c], &mut arrays, out, at);
             }
         }
     }
@@ -218,7 +540,7 @@ fn input_tile(
     }
 }
 
-/// The products (`[36, tiles, C_out]`, tiles as in [`transform_input`]) as `A^T m A`, each
+/// The products (laid out as `layout`, tiles as in [`transform_input`]) as `A^T m A`, each
 /// tile's 4x4 outputs written into `out` (`[count, C_out, ho, wo]`: every slot of output rows
 /// `4 * first..4 * (first + rows)` that lie in it, so that it need not be zeroed first); `band`
 /// holds one sample's outputs channels-last, whole tiles, before they are transposed into
@@ -230,11 +552,12 @@ pub(super) fn transform_output(
     [first, rows]: [usize; 2],
     band: &mut Vec<f32>,
     out: &mut [MaybeUninit<f32>],
+    layout: Layout,
 ) {
     let tw = wo.div_ceil(TILE);
     let tiles = count * rows * tw;
-    let stride = point_stride(tiles * cout);
-    assert_eq!(products.len(), POINTS * stride, "products size");
+    let [tile_stride, stride] = layout.strides(tiles, cout);
+    assert_eq!(products.len(), layout.len(tiles, cout), "products size");
     assert_eq!(out.len(), count * cout * ho * wo, "output size");
     let band_width = TILE * tw;
     band.resize(TILE * rows * band_width * cout, 0.0);
@@ -252,10 +575,23 @@ pub(super) fn transform_output(
                 let tile = (s * rows + ty - first) * tw + tx;
                 // Output `(a, b)` of the tile: band row `4 (ty - first) + a`, column `4 tx + b`.
                 let pixel = |a: usize| ((TILE * (ty - first) + a) * band_width + TILE * tx) * cout;
+                #[cfg(target_arch = "x86_64")]
+                if layout == Layout::TileMajor {
+                    // SAFETY: the layout is tile-major only where the CPU has AVX-512.
+                    unsafe {
+                        avx512::output_tile(
+                            products,
+                            [tile * tile_stride, stride, cout],
+                            &mut band[pixel(0)..],
+                            band_width * cout,
+                        )
+                    };
+                    continue;
+                }
                 for c0 in (0..cout).step_by(LANES) {
                     let nc = LANES.min(cout - c0);
                     for (p, point) in m.iter_mut().enumerate() {
-                        *point = load(&products[p * stride + tile * cout + c0..], nc);
+                        *point = load(&products[p * stride + tile * tile_stride + c0..], nc);
                     }
                     output_tile(&m, &mut y);
                     for (a, row) in y.chunks_exact(TILE).enumerate() {
@@ -614,26 +950,69 @@ mod tests {
         for first in (0..th).step_by(chunk) {
             let rows = chunk.min(th - first);
             let tiles = n * rows * tw;
-            let (v_stride, m_stride) = (point_stride(tiles * cin), point_stride(tiles * cout));
-            let mut v = vec![f32::NAN; POINTS * v_stride];
-            transform_input(&padded, [n, hp, wp, cin], [first, rows], tw, &mut v);
-            let mut m = vec![0.0; POINTS * m_stride];
-            for p in 0..POINTS {
-                for co in 0..cout {
-                    for c in 0..cin {
-                        let g = u[(c * POINTS + p) * cout + co];
-                        for t in 0..tiles {
-                            m[p * m_stride + t * cout + co] += g * v[p * v_stride + t * cin + c];
+            let layout = Layout::for_channels(cin, cout);
+            let mut v = vec![f32::NAN; layout.len(tiles, cin)];
+            transform_input(&padded, [n, hp, wp, cin], [first, rows], tw, &mut v, layout);
+            let mut m = vec![0.0; layout.len(tiles, cout)];
+            if layout == Layout::TileMajor {
+                point_products(&v, &u, &mut m, [tiles, cin, cout]);
+            } else {
+                let ([in_tile, in_point], [out_tile, out_point]) =
+                    (layout.strides(tiles, cin), layout.strides(tiles, cout));
+                for p in 0..POINTS {
+                    for co in 0..cout {
+                        for c in 0..cin {
+                            let g = u[(c * POINTS + p) * cout + co];
+                            for t in 0..tiles {
+                                m[p * out_point + t * out_tile + co] +=
+                                    g * v[p * in_point + t * in_tile + c];
+                            }
                         }
                     }
                 }
             }
-            transform_output(&m, [n, cout, h, w], [first, rows], &mut band, &mut out);
+            let (dims, span) = ([n, cout, h, w], [first, rows]);
+            transform_output(&m, dims, span, &mut band, &mut out, layout);
         }
         // SAFETY: initialised to NaN (and then written by the transform).
         out.into_iter()
             .map(|v| unsafe { v.assume_init() })
             .collect()
+    }
+
+    /// The register transforms and the lane-by-lane ones, to the bit (where this CPU has
+    /// AVX-512; elsewhere only the lane transforms run).
+    #[test]
+    fn transforms_in_registers_match_the_lane_transforms_bit_for_bit() {
+        let c = 2 * LANES;
+        if Layout::for_channels(c, c) != Layout::TileMajor {
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // One 6x6 patch of `c` channels, into its 36 points.
+        let patch = values(36 * c, 3);
+        let (mut lanes, mut registers) = (vec![0.0; POINTS * c], vec![0.0; POINTS * c]);
+        let mut arrays = ([[[0.0f32; LANES]; 6]; 6], [[0.0f32; LANES]; POINTS]);
+        input_tile(&patch, [6 * c, c], &mut arrays, &mut lanes, [0, c]);
+        // SAFETY: the layout is tile-major only where the CPU has AVX-512.
+        unsafe { avx512::input_tile(&patch, [6 * c, c], &mut registers, [0, c]) };
+        assert_eq!(bits(&lanes), bits(&registers), "input transform");
+        // One tile's 36 products of `c` channels, into its 4x4 outputs (channels last).
+        let products = values(POINTS * c, 4);
+        let mut lanes = vec![0.0; TILE * TILE * c];
+        for c0 in (0..c).step_by(LANES) {
+            let m: [[f32; LANES]; POINTS] =
+                std::array::from_fn(|p| load(&products[p * c + c0..], LANES));
+            let mut y = [[0.0f32; LANES]; TILE * TILE];
+            output_tile(&m, &mut y);
+            for (o, values) in y.iter().enumerate() {
+                store(&mut lanes[o * c + c0..], values, LANES);
+            }
+        }
+        let mut registers = vec![0.0; TILE * TILE * c];
+        // SAFETY: as above.
+        unsafe { avx512::output_tile(&products, [0, c, c], &mut registers, TILE * c) };
+        assert_eq!(bits(&lanes), bits(&registers), "output transform");
     }
 
     #[test]
@@ -649,6 +1028,8 @@ mod tests {
             ([1, 4, 7, 2], 2, 1),
             // More channels than a vector of lanes, and not a multiple of it.
             ([2, 19, 4, 4], 33, 1),
+            // Whole vectors of channels: the transforms in registers on AVX-512.
+            ([2, 16, 8, 8], 32, 1),
         ] {
             let [n, cin, h, w] = shape;
             let x = values(n * cin * h * w, 1);
