@@ -1080,7 +1080,8 @@ pub(super) mod flex {
                         for first in (0..th).step_by(tile_rows) {
                             let rows = tile_rows.min(th - first);
                             let tiles = count * rows * tw;
-                            let inputs = prefix(&mut scratch.columns, layout.len(tiles, cin));
+                            let inputs =
+                                prefix(&mut scratch.columns, layout.len([points, tiles, cin]));
                             wide(
                                 #[inline(always)]
                                 || {
@@ -1094,7 +1095,8 @@ pub(super) mod flex {
                                     )
                                 },
                             );
-                            let products = prefix(&mut scratch.product, layout.len(tiles, cout));
+                            let products =
+                                prefix(&mut scratch.product, layout.len([points, tiles, cout]));
                             if layout == winograd::Layout::TileMajor {
                                 winograd::point_products(
                                     inputs,
@@ -1103,8 +1105,8 @@ pub(super) mod flex {
                                     [tiles, cin, cout],
                                 );
                             } else {
-                                let [in_tile, in_point] = layout.strides(tiles, cin);
-                                let [out_tile, out_point] = layout.strides(tiles, cout);
+                                let [in_tile, in_point] = layout.strides([points, tiles, cin]);
+                                let [out_tile, out_point] = layout.strides([points, tiles, cout]);
                                 for p in 0..points {
                                     gemm_into(
                                         &mut products[p * out_point..],
@@ -1212,6 +1214,12 @@ pub(super) mod flex {
                                 );
                             },
                         );
+                        if winograd::narrow_in_registers(cin, cout) {
+                            let strides = [[cin, in_stride], [cout, grad_stride]];
+                            let sizes = [row_points, tiles, cin, cout];
+                            winograd::gradient_products(inputs, transformed, sum, sizes, strides);
+                            continue;
+                        }
                         for p in 0..row_points {
                             gemm_into(
                                 &mut sum[p * cin * cout..][..cin * cout],
