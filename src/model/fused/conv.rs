@@ -168,13 +168,22 @@ pub(super) mod flex {
     const WINOGRAD_VALUES: usize = 1 << 20;
     #[cfg(not(test))]
     const WINOGRAD_MIN_TILES: usize = 64;
+    /// At most this many tiles per block (from 256: width 1 1.05x).
     #[cfg(not(test))]
     const WINOGRAD_MAX_TILES: usize = 128;
+    /// At most this many per block of a tile-major forward (`winograd::Layout::TileMajor`):
+    /// with no gemm call per point to spread, blocks whose transformed tiles stay nearer L1
+    /// (the step at width 0.25 1.01-1.02x against 128 over three sets of runs; 16 and 64
+    /// alike).
+    #[cfg(not(test))]
+    const WINOGRAD_NARROW_MAX_TILES: usize = 32;
     /// In the tests, a few tiles per GEMM, so that their images span several.
     #[cfg(test)]
     const WINOGRAD_MIN_TILES: usize = 2;
     #[cfg(test)]
     const WINOGRAD_MAX_TILES: usize = 3;
+    #[cfg(test)]
+    const WINOGRAD_NARROW_MAX_TILES: usize = 3;
 
     /// Shapes of one convolution over an NCHW batch.
     #[derive(Clone, Copy)]
@@ -343,13 +352,14 @@ pub(super) mod flex {
         /// block of several samples for small images, else of some tile rows of one sample.
         /// Tiles per block: enough that each pass over the weights does much work (at least
         /// 64), few enough that the transformed tiles (`points x C x tiles`, for the wider of
-        /// C_in and C_out) stay near 4 MB and at most 128 (from 256: width 1 1.05x), and no
-        /// more than a thread's share, so that the small images of the deep layers (a tile or
-        /// four each) still make a block for every thread (width 0.25 1.05x, width 1 1.02x).
-        fn winograd_blocks(&self, tile: usize, points: usize) -> [usize; 2] {
+        /// C_in and C_out) stay near 4 MB and at most `max_tiles` ([`WINOGRAD_MAX_TILES`],
+        /// [`WINOGRAD_NARROW_MAX_TILES`]), and no more than a thread's share, so that the small
+        /// images of the deep layers (a tile or four each) still make a block for every thread
+        /// (width 0.25 1.05x, width 1 1.02x).
+        fn winograd_blocks(&self, tile: usize, points: usize, max_tiles: usize) -> [usize; 2] {
             let (th, tw) = (self.ho.div_ceil(tile), self.wo.div_ceil(tile));
             let tiles = (WINOGRAD_VALUES / (points * self.cin.max(self.cout)))
-                .clamp(WINOGRAD_MIN_TILES, WINOGRAD_MAX_TILES);
+                .clamp(WINOGRAD_MIN_TILES.min(max_tiles), max_tiles);
             let balanced = (self.n * th * tw).div_ceil(rayon::current_num_threads());
             let tiles = tiles.min(balanced.max(1));
             [
@@ -1054,8 +1064,12 @@ pub(super) mod flex {
         let (points, tile) = (winograd::POINTS, winograd::TILE);
         let transformed = winograd::transform_weights(weights, [cout, cin]);
         let (th, tw) = (g.ho.div_ceil(tile), g.wo.div_ceil(tile));
-        let [group, tile_rows] = g.winograd_blocks(tile, points);
         let layout = winograd::Layout::for_channels(cin, cout);
+        let max_tiles = match layout {
+            winograd::Layout::TileMajor => WINOGRAD_NARROW_MAX_TILES,
+            winograd::Layout::PointMajor => WINOGRAD_MAX_TILES,
+        };
+        let [group, tile_rows] = g.winograd_blocks(tile, points, max_tiles);
         // SAFETY: the output transform writes every slot of its tile rows, and the tile rows
         // cover the block.
         unsafe {
@@ -1159,7 +1173,7 @@ pub(super) mod flex {
         let (cin, cout, positions) = (g.cin, g.cout, g.positions());
         let (tile, points) = (winograd::GRADIENT_TILE, winograd::GRADIENT_POINTS);
         let (th, tw) = (g.ho / tile, g.wo / tile);
-        let [group, tile_rows] = g.winograd_blocks(tile, points);
+        let [group, tile_rows] = g.winograd_blocks(tile, points, WINOGRAD_MAX_TILES);
         let size = points * cin * cout;
         // Adds point rows `i0..i1` of the blocks of samples from `first` on, `step` apart, into
         // `sum` (those points' sums).
