@@ -1554,9 +1554,10 @@ mod tests {
             // 20 output channels: a Winograd weight gradient large enough that the threads
             // split its points rather than its samples.
             (3, 1, 1, 8, [4, 20]),
-            // Channels in whole vectors: on AVX-512, the Winograd transforms in registers, and
-            // the products of up to 32 output channels by `winograd::point_products` (in the
-            // forward and, channels swapped, the input gradient).
+            // 16 to 64 channels: on AVX-512, 16 and 32 take the narrow kernels (the Winograd
+            // transforms in registers and `winograd::point_products` in the forward and,
+            // channels swapped, the input gradient; `winograd::gradient_products` in the
+            // weight gradient), 32 to 64 gemm's.
             (3, 1, 1, 8, [16, 16]),
             (3, 1, 1, 8, [16, 32]),
             (3, 1, 1, 4, [32, 64]),

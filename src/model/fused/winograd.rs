@@ -29,8 +29,8 @@
 //! 16-channel forward 1.08x); the weight gradient's are point by point (`[points, tiles, C]`,
 //! each point [`point_stride`] apart). The GEMM of point `p` is `[C_out, C_in] x [C_in,
 //! tiles]`: its `lhs` (weights) has `C_out` contiguous and its `rhs` has `k = C_in`
-//! contiguous, as gemm reads them best; up to 32 output channels on AVX-512 it is
-//! [`point_products`], for all 36 points at once.
+//! contiguous, as gemm reads them best. For 16 or 32 channels on AVX-512 kernels of ours in
+//! registers take gemm's place ([`point_products`], [`gradient_products`]).
 
 use std::mem::MaybeUninit;
 
@@ -211,13 +211,15 @@ impl Layout {
     }
 }
 
-/// The forward's per-tile transforms a register of [`LANES`] channels at a time, and its
-/// products, in the [`Layout::TileMajor`] layout. Lane by lane ([`input_tile`], [`output_tile`]) the compiler's
-/// vectors went through arrays on the stack per tile. Functions compiled for AVX-512 with the
-/// intrinsics written out: operators on a register type would not inline (trait methods
-/// cannot be compiled for AVX-512, and an intrinsic called outside such a function stays a
-/// call). The same operations in the same order as [`bt_times`] and [`at_times`], so both
-/// paths give the same bits (a test holds them to it).
+/// The kernels of the narrow layers ([`narrow_in_registers`]), compiled for AVX-512: the
+/// forward's per-tile transforms a register of [`LANES`] channels at a time and its products
+/// ([`Layout::TileMajor`]), and the weight gradient's sums. Lane by lane ([`input_tile`],
+/// [`output_tile`]) the compiler's vectors went through arrays on the stack per tile. The
+/// intrinsics are written out in functions compiled for AVX-512: operators on a register
+/// type would not inline (trait methods cannot be compiled for AVX-512, and an intrinsic
+/// called outside such a function stays a call), nor would closures left to `map` or
+/// `std::array::from_fn`. The transforms do the same operations in the same order as
+/// [`bt_times`] and [`at_times`], so both paths give the same bits (a test holds them to it).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{LANES, POINTS, TILE};
