@@ -161,8 +161,12 @@ fn at_times([v0, v1, v2, v3, v4, v5]: [f32; 6]) -> [f32; 4] {
 /// with AVX-512: its products then run on kernels of ours in registers ([`point_products`],
 /// [`gradient_products`]) rather than gemm's, and its forward tiles lie [`Layout::TileMajor`].
 pub(super) fn narrow_in_registers(cin: usize, cout: usize) -> bool {
-    let narrow = |c: usize| c.is_multiple_of(LANES) && c <= 2 * LANES;
-    narrow(cin) && narrow(cout) && super::level() == super::Level::Avx512
+    narrow(cin) && narrow(cout)
+}
+
+/// Whether `c` channels, 16 or 32, are narrow on this CPU (AVX-512).
+fn narrow(c: usize) -> bool {
+    c.is_multiple_of(LANES) && c <= 2 * LANES && super::level() == super::Level::Avx512
 }
 
 /// How the forward lays out a block's transformed tiles and products, and so how it
@@ -224,8 +228,9 @@ impl Layout {
 mod avx512 {
     use super::{LANES, POINTS, TILE};
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
-        _mm512_setzero_ps, _mm512_storeu_ps, _mm512_sub_ps,
+        __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_fmadd_ps,
+        _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_storeu_ps, _mm512_sub_ps, _mm512_xor_si512,
     };
 
     /// The 36 GEMMs of a block of `tiles` tiles: `products[t][p][co] = sum over ci of
@@ -366,6 +371,99 @@ mod avx512 {
             for (v, &acc) in acc.iter().enumerate() {
                 // SAFETY: as for the loads.
                 unsafe { _mm512_storeu_ps(s.add((c0 + c) * cout + v * LANES), acc) };
+            }
+        }
+    }
+
+    /// [`super::gradient_input`]'s rows `i0..i1` of one tile, `c` in whole vectors: the 4x4
+    /// patch from `patch` (pixel `(i, j)` at `i * row + j * c`), point `4 (i - i0) + j` of
+    /// the rows into `out` at `at`, points `stride` apart. The operations of
+    /// [`super::input_row`], in its order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn gradient_input_tile(
+        patch: &[f32],
+        [row, c]: [usize; 2],
+        [i0, i1]: [usize; 2],
+        out: &mut [f32],
+        [at, stride]: [usize; 2],
+    ) {
+        assert!(c % LANES == 0 && i0 < i1 && i1 <= 4 && patch.len() >= 3 * row + 4 * c);
+        assert!(out.len() >= (4 * (i1 - i0) - 1) * stride + at + c);
+        for k0 in (0..c).step_by(LANES) {
+            let mut d = [[_mm512_setzero_ps(); 4]; 4];
+            for (i, pixels) in d.iter_mut().enumerate() {
+                for (j, pixel) in pixels.iter_mut().enumerate() {
+                    // SAFETY: within `patch` (asserted above).
+                    *pixel = unsafe { _mm512_loadu_ps(patch.as_ptr().add(i * row + j * c + k0)) };
+                }
+            }
+            for i in i0..i1 {
+                // Row `i` of `B^T d`, then that row times `B`.
+                let (a, b) = match i {
+                    0 => (d[0], d[2]),
+                    1 => (d[1], d[2]),
+                    2 => (d[2], d[1]),
+                    _ => (d[1], d[3]),
+                };
+                let mut t = [_mm512_setzero_ps(); 4];
+                for (j, t) in t.iter_mut().enumerate() {
+                    *t = if i == 1 {
+                        _mm512_add_ps(a[j], b[j])
+                    } else {
+                        _mm512_sub_ps(a[j], b[j])
+                    };
+                }
+                let v = [
+                    _mm512_sub_ps(t[0], t[2]),
+                    _mm512_add_ps(t[1], t[2]),
+                    _mm512_sub_ps(t[2], t[1]),
+                    _mm512_sub_ps(t[1], t[3]),
+                ];
+                for (j, &v) in v.iter().enumerate() {
+                    let at = (4 * (i - i0) + j) * stride + at + k0;
+                    // SAFETY: within `out` (asserted above).
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), v) };
+                }
+            }
+        }
+    }
+
+    /// [`super::gradient_output_grad`]'s rows `i0..i1` of one 2x2 tile, `c` in whole vectors:
+    /// pixel `(a, b)` of `pixels` at `a * row + b * c`, outputs as in [`gradient_input_tile`].
+    /// The operations of [`super::output_grad_row`], in its order (a negation flips the sign
+    /// bit, as f32's does).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn output_grad_tile(
+        pixels: &[f32],
+        [row, c]: [usize; 2],
+        [i0, i1]: [usize; 2],
+        out: &mut [f32],
+        [at, stride]: [usize; 2],
+    ) {
+        assert!(c % LANES == 0 && i0 < i1 && i1 <= 4 && pixels.len() >= row + 2 * c);
+        assert!(out.len() >= (4 * (i1 - i0) - 1) * stride + at + c);
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let neg = |v: __m512| _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
+        for k0 in (0..c).step_by(LANES) {
+            // SAFETY: within `pixels` (asserted above).
+            let load = |at: usize| unsafe { _mm512_loadu_ps(pixels.as_ptr().add(at + k0)) };
+            let [e00, e01, e10, e11] = [load(0), load(c), load(row), load(row + c)];
+            for i in i0..i1 {
+                // Row `i` of `A e`, down each column.
+                let (l, r) = match i {
+                    0 => (e00, e01),
+                    1 => (_mm512_add_ps(e00, e10), _mm512_add_ps(e01, e11)),
+                    2 => (_mm512_sub_ps(e00, e10), _mm512_sub_ps(e01, e11)),
+                    _ => (neg(e10), neg(e11)),
+                };
+                let u = [l, _mm512_add_ps(l, r), _mm512_sub_ps(l, r), neg(r)];
+                for (j, &u) in u.iter().enumerate() {
+                    let at = (4 * (i - i0) + j) * stride + at + k0;
+                    // SAFETY: within `out` (asserted above).
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), u) };
+                }
             }
         }
     }
@@ -819,6 +917,21 @@ pub(super) fn gradient_input(
         2 * (first + rows) + 2 <= hp,
         "tile rows beyond the padded rows"
     );
+    #[cfg(target_arch = "x86_64")]
+    if narrow(c) {
+        for s in 0..count {
+            for ty in first..first + rows {
+                for tx in 0..tw {
+                    let tile = (s * rows + ty - first) * tw + tx;
+                    let patch = &padded[((s * hp + 2 * ty) * wp + 2 * tx) * c..];
+                    let (shape, at) = ([wp * c, c], [tile * c, stride]);
+                    // SAFETY: `narrow` holds only where the CPU has AVX-512.
+                    unsafe { avx512::gradient_input_tile(patch, shape, [i0, i1], out, at) };
+                }
+            }
+        }
+        return;
+    }
     let mut points: Vec<&mut [f32]> = out.chunks_mut(stride).collect();
     for s in 0..count {
         for ty in first..first + rows {
@@ -943,6 +1056,21 @@ pub(super) fn gradient_output_grad(
         "transformed gradient size"
     );
     assert!(grads.len() >= count * ho * wo * c && 2 * (first + rows) <= ho);
+    #[cfg(target_arch = "x86_64")]
+    if narrow(c) {
+        for s in 0..count {
+            for ty in first..first + rows {
+                for tx in 0..tw {
+                    let tile = (s * rows + ty - first) * tw + tx;
+                    let pixels = &grads[((s * ho + 2 * ty) * wo + 2 * tx) * c..];
+                    let (shape, at) = ([wo * c, c], [tile * c, stride]);
+                    // SAFETY: `narrow` holds only where the CPU has AVX-512.
+                    unsafe { avx512::output_grad_tile(pixels, shape, [i0, i1], out, at) };
+                }
+            }
+        }
+        return;
+    }
     let mut points: Vec<&mut [f32]> = out.chunks_mut(stride).collect();
     for s in 0..count {
         for ty in first..first + rows {
@@ -1151,6 +1279,78 @@ mod tests {
         // SAFETY: as above.
         unsafe { avx512::output_tile(&products, [0, c, c], &mut registers, TILE * c) };
         assert_eq!(bits(&lanes), bits(&registers), "output transform");
+    }
+
+    /// The weight gradient's register transforms and the lane-by-lane ones, to the bit, for
+    /// all four point rows and for a part of them (where this CPU has AVX-512).
+    #[test]
+    fn gradient_transforms_in_registers_match_the_lane_ones_bit_for_bit() {
+        let c = 2 * LANES;
+        if !narrow(c) {
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // A 4x4 patch of `c` channels; its top left 2x2 pixels as an output-gradient tile.
+        // Zeros among the values, so that a sign of zero would show.
+        let mut patch = values(16 * c, 5);
+        patch.iter_mut().step_by(7).for_each(|v| *v = 0.0);
+        let row = 4 * c;
+        for [i0, i1] in [[0, 4], [1, 3]] {
+            let n = 4 * (i1 - i0) * c;
+            let lanes = |transform: &dyn Fn(&mut [&mut [f32]])| {
+                let mut out = vec![0.0; n];
+                let mut points: Vec<&mut [f32]> = out.chunks_mut(c).collect();
+                transform(&mut points);
+                out
+            };
+            let d = |i: usize, j: usize| &patch[i * row + j * c..][..c];
+            let rows = |i: usize| [d(i, 0), d(i, 1), d(i, 2), d(i, 3)];
+            let input_lanes = lanes(&|points| {
+                for i in i0..i1 {
+                    let v = point_row(points, i - i0, 0, c);
+                    match i {
+                        0 => input_row(rows(0), rows(2), v, |a, b| a - b),
+                        1 => input_row(rows(1), rows(2), v, |a, b| a + b),
+                        2 => input_row(rows(2), rows(1), v, |a, b| a - b),
+                        _ => input_row(rows(1), rows(3), v, |a, b| a - b),
+                    }
+                }
+            });
+            let grad_lanes = lanes(&|points| {
+                let (top, bottom) = ([d(0, 0), d(0, 1)], [d(1, 0), d(1, 1)]);
+                for i in i0..i1 {
+                    let u = point_row(points, i - i0, 0, c);
+                    match i {
+                        0 => output_grad_row(top, bottom, u, |a, _| a),
+                        1 => output_grad_row(top, bottom, u, |a, b| a + b),
+                        2 => output_grad_row(top, bottom, u, |a, b| a - b),
+                        _ => output_grad_row(top, bottom, u, |_, b| -b),
+                    }
+                }
+            });
+            let (mut input_registers, mut grad_registers) = (vec![0.0; n], vec![0.0; n]);
+            // SAFETY: `narrow` found AVX-512.
+            unsafe {
+                avx512::gradient_input_tile(
+                    &patch,
+                    [row, c],
+                    [i0, i1],
+                    &mut input_registers,
+                    [0, c],
+                );
+                avx512::output_grad_tile(&patch, [row, c], [i0, i1], &mut grad_registers, [0, c]);
+            }
+            assert_eq!(
+                bits(&input_lanes),
+                bits(&input_registers),
+                "input, rows {i0}..{i1}"
+            );
+            assert_eq!(
+                bits(&grad_lanes),
+                bits(&grad_registers),
+                "gradient, rows {i0}..{i1}"
+            );
+        }
     }
 
     #[test]
