@@ -894,6 +894,21 @@ fn two_sided<const R: usize>(
     }
 }
 
+/// The tiles of tile rows `first..first + rows` of `count` samples, `tw` a row, as `[number,
+/// sample, tile row, tile column]`: numbered `(s * rows + ty - first) * tw + tx`, as the
+/// transforms lay them out.
+fn block_tiles(
+    count: usize,
+    [first, rows]: [usize; 2],
+    tw: usize,
+) -> impl Iterator<Item = [usize; 4]> {
+    (0..count).flat_map(move |s| {
+        (first..first + rows).flat_map(move |ty| {
+            (0..tw).map(move |tx| [(s * rows + ty - first) * tw + tx, s, ty, tx])
+        })
+    })
+}
+
 /// The weight gradient's F(3x3, 2x2): the 4x4 patches of output tile rows `first..first + rows`
 /// (2x2 tiles) of `count` padded channels-last samples (`[count, hp, wp, C]`, padding 1
 /// included) as `B^T d B`, into `out` (`[16, tiles, C]`, tile `(s, ty, tx)` at `(s * rows + ty
@@ -919,16 +934,11 @@ pub(super) fn gradient_input(
     );
     #[cfg(target_arch = "x86_64")]
     if narrow(c) {
-        for s in 0..count {
-            for ty in first..first + rows {
-                for tx in 0..tw {
-                    let tile = (s * rows + ty - first) * tw + tx;
-                    let patch = &padded[((s * hp + 2 * ty) * wp + 2 * tx) * c..];
-                    let (shape, at) = ([wp * c, c], [tile * c, stride]);
-                    // SAFETY: `narrow` holds only where the CPU has AVX-512.
-                    unsafe { avx512::gradient_input_tile(patch, shape, [i0, i1], out, at) };
-                }
-            }
+        for [tile, s, ty, tx] in block_tiles(count, [first, rows], tw) {
+            let patch = &padded[((s * hp + 2 * ty) * wp + 2 * tx) * c..];
+            let (shape, at) = ([wp * c, c], [tile * c, stride]);
+            // SAFETY: `narrow` holds only where the CPU has AVX-512.
+            unsafe { avx512::gradient_input_tile(patch, shape, [i0, i1], out, at) };
         }
         return;
     }
@@ -1058,16 +1068,11 @@ pub(super) fn gradient_output_grad(
     assert!(grads.len() >= count * ho * wo * c && 2 * (first + rows) <= ho);
     #[cfg(target_arch = "x86_64")]
     if narrow(c) {
-        for s in 0..count {
-            for ty in first..first + rows {
-                for tx in 0..tw {
-                    let tile = (s * rows + ty - first) * tw + tx;
-                    let pixels = &grads[((s * ho + 2 * ty) * wo + 2 * tx) * c..];
-                    let (shape, at) = ([wo * c, c], [tile * c, stride]);
-                    // SAFETY: `narrow` holds only where the CPU has AVX-512.
-                    unsafe { avx512::output_grad_tile(pixels, shape, [i0, i1], out, at) };
-                }
-            }
+        for [tile, s, ty, tx] in block_tiles(count, [first, rows], tw) {
+            let pixels = &grads[((s * ho + 2 * ty) * wo + 2 * tx) * c..];
+            let (shape, at) = ([wo * c, c], [tile * c, stride]);
+            // SAFETY: `narrow` holds only where the CPU has AVX-512.
+            unsafe { avx512::output_grad_tile(pixels, shape, [i0, i1], out, at) };
         }
         return;
     }
