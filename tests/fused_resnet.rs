@@ -14,16 +14,29 @@ use byol::model::resnet::{Architecture, BackboneConfig, Stem};
 fn fused_resnet_matches_burns_ops_forward_and_backward() {
     let device = Device::flex().autodiff();
     device.seed(21);
-    for architecture in [Architecture::Resnet18, Architecture::Resnet50] {
+    // Width 0.25 at 32x32 too: there every 3x3 stride-1 layer takes Winograd (channels x
+    // width of 512 and up; the narrow kernels for 16 and 32 channels where the CPU has
+    // AVX-512), which the width-0.125 cases never reach. Its F(4x4, 3x3) rounds to some ten
+    // units in the last place of the largest terms; through the backward of the whole network
+    // that moves the first layers' gradients by 0.2-0.4% (root mean square, measured), with
+    // single values further off. So that case is held to 1% of each gradient's norm, which a
+    // miswired or wrong operation exceeds by far; without Winograd it matches as closely as
+    // the others.
+    for (architecture, width, size, winograd) in [
+        (Architecture::Resnet18, 0.125, 16, false),
+        (Architecture::Resnet50, 0.125, 16, false),
+        (Architecture::Resnet18, 0.25, 32, true),
+    ] {
         let config = BackboneConfig {
             architecture,
             stem: Stem::Cifar,
-            width: 0.125,
+            width,
         };
         let net = config.init(&device);
         // 16x16: the last stage's norms then see 16 values per channel (at 8x8, 4), whose
         // variance is not so small that float rounding dominates the comparison.
-        let images = Tensor::<4>::random([4, 3, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+        let images =
+            Tensor::<4>::random([4, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
         let weights = Tensor::<2>::random(
             [4, config.feature_dim()],
             Distribution::Normal(0.0, 1.0),
@@ -70,8 +83,21 @@ fn fused_resnet_matches_burns_ops_forward_and_backward() {
         assert_eq!(ours.len(), theirs.len());
         for ((what, a), (_, b)) in ours.iter().zip(&theirs) {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let error = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
             assert!(scale > 0.0, "{architecture:?} {what}: all zero");
+            if winograd {
+                let norm = |v: &mut dyn Iterator<Item = f32>| {
+                    v.map(|x| f64::from(x).powi(2)).sum::<f64>().sqrt()
+                };
+                let error = norm(&mut a.iter().zip(b).map(|(p, q)| p - q));
+                let size = norm(&mut b.iter().copied());
+                assert!(
+                    error <= 1e-2 * size,
+                    "{architecture:?} width {width} {what}: fused differs from burn's by {error} \
+                     (norm {size})"
+                );
+                continue;
+            }
+            let error = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
             assert!(
                 error <= 1e-3 * scale,
                 "{architecture:?} {what}: fused differs from burn's by {error} (scale {scale})"
