@@ -1094,8 +1094,7 @@ pub(super) mod flex {
                         for first in (0..th).step_by(tile_rows) {
                             let rows = tile_rows.min(th - first);
                             let tiles = count * rows * tw;
-                            let inputs =
-                                prefix(&mut scratch.columns, layout.len([points, tiles, cin]));
+                            let inputs = prefix(&mut scratch.columns, layout.len([tiles, cin]));
                             wide(
                                 #[inline(always)]
                                 || {
@@ -1109,8 +1108,7 @@ pub(super) mod flex {
                                     )
                                 },
                             );
-                            let products =
-                                prefix(&mut scratch.product, layout.len([points, tiles, cout]));
+                            let products = prefix(&mut scratch.product, layout.len([tiles, cout]));
                             if layout == winograd::Layout::TileMajor {
                                 winograd::point_products(
                                     inputs,
@@ -1119,8 +1117,8 @@ pub(super) mod flex {
                                     [tiles, cin, cout],
                                 );
                             } else {
-                                let [in_tile, in_point] = layout.strides([points, tiles, cin]);
-                                let [out_tile, out_point] = layout.strides([points, tiles, cout]);
+                                let [in_tile, in_point] = layout.strides([tiles, cin]);
+                                let [out_tile, out_point] = layout.strides([tiles, cout]);
                                 for p in 0..points {
                                     gemm_into(
                                         &mut products[p * out_point..],

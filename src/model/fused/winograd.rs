@@ -197,20 +197,20 @@ impl Layout {
         }
     }
 
-    /// Floats of `points` points of a block of `tiles` tiles of `c` channels.
-    pub(super) fn len(self, [points, tiles, c]: [usize; 3]) -> usize {
+    /// Floats of a block of `tiles` tiles of `c` channels.
+    pub(super) fn len(self, [tiles, c]: [usize; 2]) -> usize {
         match self {
-            Layout::PointMajor => points * point_stride(tiles * c),
-            Layout::TileMajor => tiles * points * c,
+            Layout::PointMajor => POINTS * point_stride(tiles * c),
+            Layout::TileMajor => tiles * POINTS * c,
         }
     }
 
     /// `[tile, point]`: how far apart two tiles' (and two points') runs of `c` channels lie,
-    /// for `points` points of a block of `tiles` tiles.
-    pub(super) fn strides(self, [points, tiles, c]: [usize; 3]) -> [usize; 2] {
+    /// in a block of `tiles` tiles.
+    pub(super) fn strides(self, [tiles, c]: [usize; 2]) -> [usize; 2] {
         match self {
             Layout::PointMajor => [c, point_stride(tiles * c)],
-            Layout::TileMajor => [points * c, c],
+            Layout::TileMajor => [POINTS * c, c],
         }
     }
 }
@@ -707,12 +707,8 @@ pub(super) fn transform_input(
     layout: Layout,
 ) {
     let tiles = count * rows * tw;
-    let [tile_stride, stride] = layout.strides([POINTS, tiles, c]);
-    assert_eq!(
-        out.len(),
-        layout.len([POINTS, tiles, c]),
-        "transformed input size"
-    );
+    let [tile_stride, stride] = layout.strides([tiles, c]);
+    assert_eq!(out.len(), layout.len([tiles, c]), "transformed input size");
     assert!(padded.len() >= count * hp * wp * c && wp >= TILE * tw + 2);
     assert!(
         TILE * (first + rows) + 2 <= hp,
@@ -786,12 +782,8 @@ pub(super) fn transform_output(
 ) {
     let tw = wo.div_ceil(TILE);
     let tiles = count * rows * tw;
-    let [tile_stride, stride] = layout.strides([POINTS, tiles, cout]);
-    assert_eq!(
-        products.len(),
-        layout.len([POINTS, tiles, cout]),
-        "products size"
-    );
+    let [tile_stride, stride] = layout.strides([tiles, cout]);
+    assert_eq!(products.len(), layout.len([tiles, cout]), "products size");
     assert_eq!(out.len(), count * cout * ho * wo, "output size");
     let band_width = TILE * tw;
     band.resize(TILE * rows * band_width * cout, 0.0);
@@ -1220,16 +1212,14 @@ mod tests {
             let rows = chunk.min(th - first);
             let tiles = n * rows * tw;
             let layout = Layout::for_channels(cin, cout);
-            let mut v = vec![f32::NAN; layout.len([POINTS, tiles, cin])];
+            let mut v = vec![f32::NAN; layout.len([tiles, cin])];
             transform_input(&padded, [n, hp, wp, cin], [first, rows], tw, &mut v, layout);
-            let mut m = vec![0.0; layout.len([POINTS, tiles, cout])];
+            let mut m = vec![0.0; layout.len([tiles, cout])];
             if layout == Layout::TileMajor {
                 point_products(&v, &u, &mut m, [tiles, cin, cout]);
             } else {
-                let ([in_tile, in_point], [out_tile, out_point]) = (
-                    layout.strides([POINTS, tiles, cin]),
-                    layout.strides([POINTS, tiles, cout]),
-                );
+                let ([in_tile, in_point], [out_tile, out_point]) =
+                    (layout.strides([tiles, cin]), layout.strides([tiles, cout]));
                 for p in 0..POINTS {
                     for co in 0..cout {
                         for c in 0..cin {
