@@ -13,6 +13,11 @@
 //!
 //! Row and column blocks are padded to an even count, so that every product runs one 2 x 2-tile
 //! kernel (four accumulators, two A and two B tiles: the eight tile registers).
+//!
+//! A stride-1 convolution whose rows are whole 16-position segments and whose channels come in
+//! blocks of 32 packs no input at all ([`convolve_channels_last`]): with the input channels
+//! last, the 32 channels of 16 neighbouring positions under one kernel tap are an A tile as
+//! they lie in memory, rows `C_in` apart.
 
 /// Rows of a tile, and columns of an output tile.
 const ROWS: usize = 16;
@@ -660,6 +665,198 @@ unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, 
     unreachable!("AMX is x86-64 only and `available` says so")
 }
 
+/// Whether [`convolve_channels_last`] takes a stride-1 convolution of these sizes: whole
+/// 32-channel depth blocks in and 32-channel column pairs out, rows of whole 16-position
+/// segments, and an even number of segments per sample.
+pub fn channels_last_applies(cin: usize, cout: usize, [ho, wo]: [usize; 2]) -> bool {
+    cin > 0
+        && cin.is_multiple_of(DEPTH)
+        && cout.is_multiple_of(2 * ROWS)
+        && wo.is_multiple_of(ROWS)
+        && (ho * wo / ROWS).is_multiple_of(2)
+}
+
+/// `values` in bf16 into `out` (as long), rounded to nearest even.
+pub fn to_bf16(values: &[f32], out: &mut [u16]) {
+    assert_eq!(values.len(), out.len(), "bf16 conversion lengths differ");
+    let whole = values.len() / DEPTH * DEPTH;
+    for (o, v) in out[..whole]
+        .chunks_exact_mut(DEPTH)
+        .zip(values.chunks_exact(DEPTH))
+    {
+        convert(v, o);
+    }
+    for (o, &v) in out[whole..].iter_mut().zip(&values[whole..]) {
+        *o = bf16(v);
+    }
+}
+
+/// One sample of a stride-1 convolution read straight from its input, in bf16 with channels
+/// last and padded (`[hp, wp, C_in]`), into `out` (`[C_out, ho * wo]`, f32). The 16 output
+/// positions of a row segment make an A tile whose rows (one position's 32 channels each,
+/// `C_in` values apart) are loaded where they lie, once per kernel tap and 32 channels:
+/// no im2col and no packing of the input. `weights` is B, `[taps * C_in, C_out]` with the
+/// depth tap-major (`(i * kw + j) * C_in + c`). Sizes as [`channels_last_applies`].
+pub fn convolve_channels_last(
+    input: &[u16],
+    [hp, wp, cin]: [usize; 3],
+    [kh, kw]: [usize; 2],
+    [ho, wo]: [usize; 2],
+    weights: &PackedB,
+    out: &mut [f32],
+) {
+    assert!(available(), "AMX bf16 tiles are not available");
+    let cout = weights.n;
+    assert!(
+        channels_last_applies(cin, cout, [ho, wo]),
+        "unsupported sizes"
+    );
+    assert_eq!(
+        weights.k,
+        kh * kw * cin,
+        "weights' depth is not taps x C_in"
+    );
+    assert!(
+        hp >= ho + kh - 1 && wp >= wo + kw - 1,
+        "padded input too small"
+    );
+    assert_eq!(input.len(), hp * wp * cin, "input is not [hp, wp, C_in]");
+    assert_eq!(out.len(), cout * ho * wo, "output is not [C_out, ho * wo]");
+    // Byte offsets of each depth step's A rows from a segment's first position.
+    let offsets: Vec<usize> = (0..kh * kw)
+        .flat_map(|tap| {
+            let at = (tap / kw * wp + tap % kw) * cin;
+            (0..cin / DEPTH).map(move |block| 2 * (at + block * DEPTH))
+        })
+        .collect();
+    let segment = |q: usize| {
+        let (y, x) = (q * ROWS / wo, q * ROWS % wo);
+        // SAFETY: in bounds: `(y, x)` is an output position, every offset reads a tap of it.
+        (
+            unsafe { input.as_ptr().add((y * wp + x) * cin) },
+            y * wo + x,
+        )
+    };
+    configure_tiles();
+    let positions = ho * wo;
+    let mut block = Block([0.0; 4 * ROWS * ROWS]);
+    for jb in (0..weights.blocks.outer).step_by(2) {
+        let b0 = weights.tiles[weights.blocks.tile(jb, 0)].as_ptr();
+        let b1 = weights.tiles[weights.blocks.tile(jb + 1, 0)].as_ptr();
+        for q in (0..positions / ROWS).step_by(2) {
+            let ((a0, p0), (a1, p1)) = (segment(q), segment(q + 1));
+            // SAFETY: the offsets stay in `input` (asserted sizes), each B panel holds a tile
+            // per depth step, `block` is 32 x 32, and the tiles are configured here.
+            unsafe {
+                gathered_kernel(
+                    [a0.cast(), a1.cast()],
+                    &offsets,
+                    2 * cin,
+                    [b0, b1],
+                    block.0.as_mut_ptr(),
+                )
+            };
+            // `block`: rows = the two segments' positions, columns = 32 output channels.
+            super::wide(
+                #[inline(always)]
+                || {
+                    for (half, first) in [p0, p1].into_iter().enumerate() {
+                        for part in 0..2 {
+                            let mut tile = [[0f32; ROWS]; ROWS];
+                            for (r, row) in tile.iter_mut().enumerate() {
+                                let at = (half * ROWS + r) * 2 * ROWS + part * ROWS;
+                                row.copy_from_slice(&block.0[at..][..ROWS]);
+                            }
+                            super::transpose16(&mut tile);
+                            let co = (jb + part) * ROWS;
+                            for (k, row) in tile.iter().enumerate() {
+                                out[(co + k) * positions + first..][..ROWS].copy_from_slice(row);
+                            }
+                        }
+                    }
+                },
+            );
+        }
+    }
+}
+
+/// `C = [A0; A1] x [B0 B1]` for one 32 x 32 block (rows of 32 floats at `c`), overwritten,
+/// summed over `offsets.len()` depth steps: step `d` loads A0 and A1 from `a + offsets[d]`
+/// bytes (rows `a_stride` bytes apart) and the next packed B tiles.
+///
+/// # Safety
+/// The tiles are configured on this thread; every A tile lies in memory; the B panels hold
+/// `offsets.len()` tiles each; `c` holds 32 x 32 floats.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gathered_kernel(
+    [a0, a1]: [*const u8; 2],
+    offsets: &[usize],
+    a_stride: usize,
+    [b0, b1]: [*const u16; 2],
+    c: *mut f32,
+) {
+    use std::arch::asm;
+    let stride = 2 * ROWS * 4;
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "mov {o}, [{offs}]",
+            "lea {t}, [{a0} + {o}]",
+            "tileloadd tmm4, [{t} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {bs}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {bs}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "lea {t}, [{a1} + {o}]",
+            "tileloadd tmm5, [{t} + {s}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {offs}, 8",
+            "add {b0}, {tb}",
+            "add {b1}, {tb}",
+            "dec {count}",
+            "jnz 2b",
+            a0 = in(reg) a0, a1 = in(reg) a1,
+            offs = inout(reg) offsets.as_ptr() => _,
+            o = out(reg) _, t = out(reg) _,
+            s = in(reg) a_stride,
+            b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
+            bs = in(reg) DEPTH * 2,
+            tb = const TILE * 2,
+            count = inout(reg) offsets.len() => _,
+            options(nostack, readonly),
+        );
+        let c01 = c.add(ROWS);
+        let c10 = c.add(ROWS * 2 * ROWS);
+        let c11 = c10.add(ROWS);
+        asm!(
+            "tilestored [{c00} + {s}*1], tmm0",
+            "tilestored [{c01} + {s}*1], tmm1",
+            "tilestored [{c10} + {s}*1], tmm2",
+            "tilestored [{c11} + {s}*1], tmm3",
+            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            s = in(reg) stride,
+            options(nostack),
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gathered_kernel(
+    _: [*const u8; 2],
+    _: &[usize],
+    _: usize,
+    _: [*const u16; 2],
+    _: *mut f32,
+) {
+    unreachable!("AMX is x86-64 only and `available` says so")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,6 +888,63 @@ mod tests {
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
             })
             .collect()
+    }
+
+    /// The channels-last convolution against the sums it stands for, on bf16-exact values (so
+    /// that only the order of the f32 additions differs): segments paired within a row (32
+    /// wide) and across rows (16 wide), 3x3 and 1x1 kernels, several output column pairs.
+    #[test]
+    fn convolves_channels_last_input() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the channels-last convolution is not exercised here");
+            return;
+        }
+        for (cin, cout, [ho, wo], k) in [
+            (32, 64, [16, 16], 3),
+            (64, 32, [3, 32], 3),
+            (32, 96, [2, 16], 1),
+        ] {
+            let pad = k / 2;
+            let (hp, wp) = (ho + 2 * pad, wo + 2 * pad);
+            let exact = |v: Vec<f32>| v.into_iter().map(|x| f32_of(bf16(x))).collect::<Vec<_>>();
+            let input = exact(values(hp * wp * cin, 11));
+            let weight = exact(values(cout * cin * k * k, 12));
+            // B `[taps * C_in, C_out]`, tap-major depth.
+            let taps = k * k;
+            let mut b_src = vec![0f32; taps * cin * cout];
+            for co in 0..cout {
+                for c in 0..cin {
+                    for t in 0..taps {
+                        b_src[(t * cin + c) * cout + co] = weight[(co * cin + c) * taps + t];
+                    }
+                }
+            }
+            let mut buffer = Vec::new();
+            let b = pack_b_rows(&mut buffer, &b_src, cout, [taps * cin, cout]);
+            let mut bf = vec![0u16; input.len()];
+            to_bf16(&input, &mut bf);
+            let mut out = vec![f32::NAN; cout * ho * wo];
+            convolve_channels_last(&bf, [hp, wp, cin], [k, k], [ho, wo], &b, &mut out);
+            for co in 0..cout {
+                for y in 0..ho {
+                    for x in 0..wo {
+                        let mut sum = 0f64;
+                        for t in 0..taps {
+                            let (i, j) = (t / k, t % k);
+                            for c in 0..cin {
+                                sum += input[((y + i) * wp + x + j) * cin + c] as f64
+                                    * weight[(co * cin + c) * taps + t] as f64;
+                            }
+                        }
+                        let got = out[(co * ho + y) * wo + x] as f64;
+                        assert!(
+                            (got - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
+                            "{cin} -> {cout}, {ho}x{wo}, k {k}: [{co}, {y}, {x}] {got} vs {sum}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

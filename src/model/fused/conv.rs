@@ -957,6 +957,10 @@ pub(super) mod flex {
             let output = winograd_convolve(&g, &xs, &weights, norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
+        if bf16 && g.stride == [1, 1] && amx::channels_last_applies(g.cin, cout, [g.ho, g.wo]) {
+            let output = channels_last_convolve(&g, &xs, &weights, norm);
+            return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
+        }
         let mut packed_weights = Vec::new();
         let packed_weights = bf16.then(|| pack_pair_weights(&g, &weights, &mut packed_weights));
         // Small images go several to a GEMM, so that its rows fill a tile.
@@ -1052,6 +1056,53 @@ pub(super) mod flex {
             },
         );
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
+    }
+
+    /// [`convolve`] in bf16 by [`amx::convolve_channels_last`], sample by sample: the input
+    /// copied channels-last and padded (through `norm` as it is copied), rounded to bf16, and
+    /// convolved where it lies, with no im2col.
+    fn channels_last_convolve(
+        g: &Geometry,
+        xs: &[f32],
+        weights: &[f32],
+        norm: Option<&ChannelNorm>,
+    ) -> Vec<f32> {
+        let (cin, cout, window) = (g.cin, g.cout, g.kh * g.kw);
+        // B `[window * C_in, C_out]`, the depth tap-major.
+        let mut tap_major = vec![0f32; window * cin * cout];
+        for (co, kernels) in weights.chunks_exact(cin * window).enumerate() {
+            for (c, kernel) in kernels.chunks_exact(window).enumerate() {
+                for (tap, &v) in kernel.iter().enumerate() {
+                    tap_major[(tap * cin + c) * cout + co] = v;
+                }
+            }
+        }
+        let mut buffer = Vec::new();
+        let packed = amx::pack_b_rows(&mut buffer, &tap_major, cout, [window * cin, cout]);
+        let padded = [g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]];
+        let (image, outputs) = (cin * g.h * g.w, cout * g.positions());
+        filled_by_runs(g.n * outputs, outputs, |s, out| {
+            with_scratch(|scratch| {
+                let values = channels_last(
+                    &xs[s * image..][..image],
+                    [cin, g.h, g.w],
+                    g.pad,
+                    padded,
+                    &mut scratch.padded,
+                    norm,
+                );
+                let input = prefix(&mut scratch.pairs, values.len());
+                amx::to_bf16(values, input);
+                amx::convolve_channels_last(
+                    input,
+                    [padded[0], padded[1], cin],
+                    [g.kh, g.kw],
+                    [g.ho, g.wo],
+                    &packed,
+                    out,
+                );
+            })
+        })
     }
 
     /// Whether [`convolve`] takes [`winograd_convolve`]. Its transforms and copies cost per
@@ -1660,6 +1711,9 @@ mod tests {
             (36, 24, 1, 2, 8, amx),
             (16, 16, 3, 1, 8, narrow),
             (40, 36, 3, 1, 8, weight_grad_only),
+            // Rows of 16 and 32-channel blocks: the forward and input gradient convolve a
+            // channels-last input on AMX (`amx::convolve_channels_last`), no im2col.
+            (32, 64, 3, 1, 16, weight_grad_only),
         ] {
             let pad = kernel / 2;
             let conv = test_conv([cin, cout], kernel, stride, pad, &device);
