@@ -648,13 +648,30 @@ unsafe fn kernel(
             t = const TILE * 2,
             options(nostack, readonly),
         );
-        asm!(
+        store_accumulators(c, c_row_stride);
+    }
+}
+
+/// Stores the four accumulator tiles (0-3) as one 32 x 32 block of floats at `c`, rows
+/// `c_row_stride` floats apart: tile 0 top left, 1 top right, 2 bottom left, 3 bottom right.
+///
+/// # Safety
+/// The tiles are configured on this thread and `c` holds the block.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_accumulators(c: *mut f32, c_row_stride: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let c01 = c.add(ROWS);
+        let c10 = c.add(ROWS * c_row_stride);
+        let c11 = c10.add(ROWS);
+        std::arch::asm!(
             "tilestored [{c00} + {s}*1], tmm0",
             "tilestored [{c01} + {s}*1], tmm1",
             "tilestored [{c10} + {s}*1], tmm2",
             "tilestored [{c11} + {s}*1], tmm3",
             c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-            s = in(reg) stride,
+            s = in(reg) c_row_stride * 4,
             options(nostack),
         );
     }
@@ -796,7 +813,6 @@ unsafe fn gathered_kernel(
     c: *mut f32,
 ) {
     use std::arch::asm;
-    let stride = 2 * ROWS * 4;
     // SAFETY: the caller's contract.
     unsafe {
         asm!(
@@ -831,18 +847,7 @@ unsafe fn gathered_kernel(
             count = inout(reg) offsets.len() => _,
             options(nostack, readonly),
         );
-        let c01 = c.add(ROWS);
-        let c10 = c.add(ROWS * 2 * ROWS);
-        let c11 = c10.add(ROWS);
-        asm!(
-            "tilestored [{c00} + {s}*1], tmm0",
-            "tilestored [{c01} + {s}*1], tmm1",
-            "tilestored [{c10} + {s}*1], tmm2",
-            "tilestored [{c11} + {s}*1], tmm3",
-            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-            s = in(reg) stride,
-            options(nostack),
-        );
+        store_accumulators(c, 2 * ROWS);
     }
 }
 
