@@ -1,4 +1,5 @@
-//! `byol bench`: throughput of the training step, of inference and of the data pipeline.
+//! `byol bench`: throughput of the training step, of inference and of the data pipeline, and
+//! (on flex) each convolution of the backbone alone.
 //!
 //! Warm-up steps first, then the median and spread of timed steps. Numbers from these noisy
 //! machines are only comparable within one run: compare against a reference measured in the
@@ -173,6 +174,112 @@ pub fn bench_infer(
     )
 }
 
+/// One distinct convolution of the backbone, timed alone ([`bench_conv`]).
+#[derive(Debug, Serialize)]
+pub struct ConvTiming {
+    /// NCHW input and `[C_out, C_in, kh, kw]` weight.
+    pub input: [usize; 4],
+    pub weight: [usize; 4],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    /// Layers of the backbone with this convolution.
+    pub layers: usize,
+    /// Multiply-adds times two, of one call.
+    pub mflop: f64,
+    pub forward_ms: f64,
+    pub weight_grad_ms: f64,
+    pub input_grad_ms: f64,
+    /// Whether its products ran in bf16 (on AMX tiles).
+    pub bf16: bool,
+}
+
+/// Each distinct convolution of the backbone (as one eval-mode forward of a batch meets it)
+/// timed alone on flex: forward, weight gradient and input gradient, medians of `steps` calls
+/// after `warmup`, each on random tensors of its shapes. Under the caller's precision scope.
+/// The fused BatchNorm + convolution pairs run these same products, with the norm applied as
+/// they copy their input.
+#[cfg(feature = "flex")]
+pub fn bench_conv(config: &TrainConfig, warmup: usize, steps: usize) -> Vec<ConvTiming> {
+    use crate::model::fused::conv::{self, GemmConvOps};
+    type Ops = burn::backend::Dispatch;
+    let device = Device::flex();
+    let (batch, size) = (config.data.batch_size, config.data.image_size);
+    let backbone = config
+        .model
+        .init(&device, config.train.seed)
+        .online
+        .encoder
+        .backbone
+        .valid();
+    let images = random_views(batch, size, &device);
+    let (_, recorded) = conv::recording(|| backbone.forward(images).into_data());
+    let mut distinct: Vec<(conv::Recorded, usize)> = Vec::new();
+    for call in recorded {
+        match distinct.iter_mut().find(|(seen, _)| *seen == call) {
+            Some((_, layers)) => *layers += 1,
+            None => distinct.push((call, 1)),
+        }
+    }
+    let milliseconds = |work: &mut dyn FnMut()| time(warmup, steps, work).median_s * 1e3;
+    distinct
+        .into_iter()
+        .map(|(call, layers)| {
+            let conv::Recorded {
+                input,
+                weight,
+                options,
+                bf16,
+            } = call;
+            let [n, _, h, w] = input;
+            let [cout, cin, kh, kw] = weight;
+            let out = |size: usize, k: usize, axis: usize| {
+                let (before, after) = options.padding[axis];
+                (size + before + after - options.dilation[axis] * (k - 1) - 1)
+                    / options.stride[axis]
+                    + 1
+            };
+            let [ho, wo] = [out(h, kh, 0), out(w, kw, 1)];
+            let normal = Distribution::Normal(0.0, 1.0);
+            let x = Tensor::<4>::random(input, normal, &device).into_dispatch();
+            let kernel = Tensor::<4>::random(weight, normal, &device).into_dispatch();
+            let dy = Tensor::<4>::random([n, cout, ho, wo], normal, &device).into_dispatch();
+            let forward_ms = milliseconds(&mut || {
+                let _ = Ops::gemm_conv2d(x.clone(), kernel.clone(), options.clone(), bf16);
+            });
+            let weight_grad_ms = milliseconds(&mut || {
+                let _ = Ops::gemm_conv2d_weight_grad(
+                    x.clone(),
+                    dy.clone(),
+                    [kh, kw],
+                    options.clone(),
+                    bf16,
+                );
+            });
+            let input_grad_ms = milliseconds(&mut || {
+                let _ = Ops::gemm_conv2d_input_grad(
+                    dy.clone(),
+                    kernel.clone(),
+                    input,
+                    options.clone(),
+                    bf16,
+                );
+            });
+            ConvTiming {
+                input,
+                weight,
+                stride: options.stride,
+                padding: options.padding_begin(),
+                layers,
+                mflop: 2.0 * (n * cout * ho * wo * cin * kh * kw) as f64 / 1e6,
+                forward_ms,
+                weight_grad_ms,
+                input_grad_ms,
+                bf16,
+            }
+        })
+        .collect()
+}
+
 /// Two augmented views per image, normalised into batch buffers, on `threads` threads
 /// (0: all cores), from `dataset` or random images of `config`'s size.
 pub fn bench_data(
@@ -233,5 +340,34 @@ fn random_dataset(len: usize, size: usize) -> Dataset {
         pixels,
         labels: vec![0; len],
         paths: vec![Default::default(); len],
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use crate::model::resnet::Architecture;
+
+    /// `bench conv` meets every convolution of the backbone once per layer (ResNet-18: the
+    /// stem, 16 in the blocks, 3 downsamples; ResNet-50: 53), and times each.
+    #[test]
+    fn bench_conv_times_each_convolution_of_the_backbone() {
+        for (architecture, convolutions) in
+            [(Architecture::Resnet18, 20), (Architecture::Resnet50, 53)]
+        {
+            let mut config = TrainConfig::preset("seed").unwrap();
+            config.model.backbone.architecture = architecture;
+            config.model.backbone.width = 0.125;
+            config.data.batch_size = 2;
+            config.data.image_size = 8;
+            let timings = bench_conv(&config, 0, 1);
+            let layers: usize = timings.iter().map(|t| t.layers).sum();
+            assert_eq!(layers, convolutions, "{architecture:?}");
+            assert_eq!(timings[0].input, [2, 3, 8, 8], "the stem comes first");
+            for t in &timings {
+                assert!(t.mflop > 0.0 && t.forward_ms > 0.0, "{t:?}");
+                assert!(t.weight_grad_ms > 0.0 && t.input_grad_ms > 0.0, "{t:?}");
+            }
+        }
     }
 }

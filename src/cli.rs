@@ -146,6 +146,9 @@ pub enum BenchKind {
     Infer,
     /// Decoding-free augmentation of two views per image.
     Data,
+    /// Each distinct convolution of the backbone alone on flex: forward, weight gradient and
+    /// input gradient (what a training step is made of, layer by layer).
+    Conv,
 }
 
 #[derive(Args, Debug)]
@@ -165,8 +168,8 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum)]
     pub device: Option<Backend>,
-    /// `train` and `infer`: float type of convolutions and linear layers (bf16, f16: mixed
-    /// precision, as `train --precision`).
+    /// `train`, `infer` and `conv`: float type of convolutions and linear layers (bf16, f16:
+    /// mixed precision, as `train --precision`).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
     /// `train` and `infer`: burn's own BatchNorm, convolution, optimizer and EMA steps instead
@@ -622,6 +625,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let mut config = TrainConfig::preset(&args.preset)?;
     args.model.apply(&mut config);
     config.validate()?;
+    if args.kind == BenchKind::Conv {
+        return bench_conv(args, &config);
+    }
     let reports = match args.kind {
         BenchKind::Train | BenchKind::Infer => {
             let device = args
@@ -641,6 +647,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
             report.precision = args.precision.name();
             vec![report]
         }
+        BenchKind::Conv => unreachable!("handled above"),
         BenchKind::Data => {
             let dataset = match &args.data {
                 Some(path) => {
@@ -691,6 +698,54 @@ fn bench(args: &BenchArgs) -> Result<()> {
     };
     println!("{json}");
     Ok(())
+}
+
+/// `byol bench conv`: a line per distinct convolution on stderr, and a JSON last line.
+fn bench_conv(args: &BenchArgs, config: &TrainConfig) -> Result<()> {
+    #[cfg(feature = "flex")]
+    {
+        if args.device.is_some_and(|device| device != Backend::Flex) {
+            anyhow::bail!(
+                "`bench conv` times byol's flex convolutions: leave out --device or pass flex"
+            );
+        }
+        let device = Backend::Flex.training_device()?;
+        args.precision.check(&device)?;
+        let _autocast = autocast(args.precision);
+        let convolutions = crate::bench::bench_conv(config, args.warmup, args.steps);
+        for c in &convolutions {
+            eprintln!(
+                "{:?} x {:?} stride {:?}: {} layer(s), {:.0} MFLOP, forward {:.3} ms, weight \
+                 gradient {:.3} ms, input gradient {:.3} ms{}",
+                c.input,
+                c.weight,
+                c.stride,
+                c.layers,
+                c.mflop,
+                c.forward_ms,
+                c.weight_grad_ms,
+                c.input_grad_ms,
+                if c.bf16 { " (bf16)" } else { "" },
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "conv",
+                "batch_size": config.data.batch_size,
+                "image_size": config.data.image_size,
+                "precision": args.precision.name(),
+                "threads": rayon::current_num_threads(),
+                "convolutions": convolutions,
+            })
+        );
+        Ok(())
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (args, config);
+        anyhow::bail!("`bench conv` times byol's flex convolutions: build with the flex feature")
+    }
 }
 
 fn export(args: &ExportArgs) -> Result<()> {

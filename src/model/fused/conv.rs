@@ -73,6 +73,7 @@ pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let Some((options, bf16)) = gemm_path(conv, &x) else {
         return precision::conv2d(conv, x);
     };
+    record(conv, &x, &options, bf16);
     Tensor::from_dispatch(<burn::backend::Dispatch as GemmConvOps>::gemm_conv2d(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
@@ -94,6 +95,44 @@ pub(super) fn gemm_path(conv: &Conv2d, x: &Tensor<4>) -> Option<(ConvOptions<2>,
         && x.dtype() == burn::tensor::DType::F32
         && super::is_flex(&x.device());
     ours.then_some((options, bf16))
+}
+
+/// Notes that `conv` runs on our path on `x` when a [`recording`] is on (each caller that
+/// then runs it, once).
+pub(super) fn record(conv: &Conv2d, x: &Tensor<4>, options: &ConvOptions<2>, bf16: bool) {
+    RECORDING.with_borrow_mut(|recorded| {
+        if let Some(recorded) = recorded {
+            recorded.push(Recorded {
+                input: x.dims(),
+                weight: conv.weight.dims(),
+                options: options.clone(),
+                bf16,
+            });
+        }
+    });
+}
+
+/// A convolution that took our path, as [`recording`] saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recorded {
+    pub input: [usize; 4],
+    pub weight: [usize; 4],
+    pub options: ConvOptions<2>,
+    pub bf16: bool,
+}
+
+thread_local! {
+    static RECORDING: std::cell::RefCell<Option<Vec<Recorded>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns, with its result, every convolution that took our path on this
+/// thread while it ran, in order (`byol bench conv` times them one by one).
+pub fn recording<R>(f: impl FnOnce() -> R) -> (R, Vec<Recorded>) {
+    let outer = RECORDING.replace(Some(Vec::new()));
+    let result = f();
+    let recorded = RECORDING.replace(outer).unwrap_or_default();
+    (result, recorded)
 }
 
 /// Whether our GEMM convolution and weight gradient handle these options (flex's convolution

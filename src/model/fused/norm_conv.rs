@@ -130,6 +130,7 @@ fn one_operation(
     let Some((options, bf16)) = gemm.filter(|_| batch_norm::takes_fused_path(bn, &x)) else {
         return apart(x);
     };
+    conv::record(conv, &x, &options, bf16);
     let device = x.device();
     let tensors = [
         x.into_dispatch(),
