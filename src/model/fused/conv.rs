@@ -867,6 +867,13 @@ pub(super) mod flex {
         ) -> FloatTensor<Self> {
             let ws = weight.layout().shape().clone();
             let kernel = [ws[2], ws[3]];
+            let g = Geometry::new(&Shape::new(input), ws[0], kernel, &options);
+            if reads_a_subsample(&g) {
+                let sub_input = [g.n, g.cin, g.ho, g.wo];
+                let sub =
+                    Self::gemm_conv2d_input_grad(output_grad, weight, sub_input, unstrided(), bf16);
+                return spread(&contiguous_f32(&sub), &g);
+            }
             if input_grad_is_a_convolution(&options, kernel) {
                 return convolve(
                     output_grad,
@@ -881,7 +888,6 @@ pub(super) mod flex {
                     None,
                 );
             }
-            let g = Geometry::new(&Shape::new(input), ws[0], kernel, &options);
             let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
             let (dys, weights) = (contiguous_f32(&output_grad), contiguous_f32(&weight));
             // weight^T, `[taps, C_out]`: row `tap` holds that tap's weight for every output
@@ -988,6 +994,10 @@ pub(super) mod flex {
             return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options);
         }
         let g = Geometry::new(x.layout().shape(), ws[0], [ws[2], ws[3]], &options);
+        if reads_a_subsample(&g) {
+            let sub = subsampled(&contiguous_f32(&x), &g);
+            return convolve(sub, weight, unstrided(), bf16, norm);
+        }
         let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
         let xs = contiguous_f32(&x);
         // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
@@ -1142,6 +1152,57 @@ pub(super) mod flex {
                 );
             })
         })
+    }
+
+    /// Whether a convolution reads only every `stride`-th row and column of its input (a 1x1
+    /// kernel, no padding, a stride, as a ResNet's downsample): it is then the stride-1
+    /// convolution of that subsample ([`subsampled`]), its weight gradient that one's, and its
+    /// input gradient that one's spread back ([`spread`]). Timed alone at width 1 (f32, ms):
+    /// 64 -> 128 channels at 32x32 forward 3.47, weight gradient 7.36, input gradient 5.05
+    /// through the strided im2col and col2im.
+    fn reads_a_subsample(g: &Geometry) -> bool {
+        [g.kh, g.kw] == [1, 1] && g.pad == [0, 0] && g.stride != [1, 1]
+    }
+
+    /// Stride 1, no padding: the options of a subsample's convolution.
+    fn unstrided() -> ConvOptions<2> {
+        ConvOptions::new([1, 1], [0, 0], [1, 1], 1)
+    }
+
+    /// The values a [`reads_a_subsample`] convolution reads, `[N, C_in, H_out, W_out]`.
+    fn subsampled(xs: &[f32], g: &Geometry) -> FloatTensor<Flex> {
+        let [sh, sw] = g.stride;
+        let (plane, sub) = (g.h * g.w, g.ho * g.wo);
+        // SAFETY: each run (one plane of the subsample) writes every one of its slots.
+        let values = unsafe {
+            written_by_runs(g.n * g.cin * sub, sub, |p, slots| {
+                let image = &xs[p * plane..][..plane];
+                for (y, row) in slots.chunks_exact_mut(g.wo).enumerate() {
+                    let input = &image[y * sh * g.w..];
+                    for (x, slot) in row.iter_mut().enumerate() {
+                        slot.write(input[x * sw]);
+                    }
+                }
+            })
+        };
+        tensor(values, Shape::new([g.n, g.cin, g.ho, g.wo]))
+    }
+
+    /// The input gradient of a [`reads_a_subsample`] convolution from its subsample's
+    /// (`sub`): each value back where [`subsampled`] took it from, zeros elsewhere.
+    fn spread(sub: &[f32], g: &Geometry) -> FloatTensor<Flex> {
+        let [sh, sw] = g.stride;
+        let (plane, part) = (g.h * g.w, g.ho * g.wo);
+        let values = filled_by_runs(g.n * g.cin * plane, plane, |p, image| {
+            let sub = &sub[p * part..][..part];
+            for (y, row) in sub.chunks_exact(g.wo).enumerate() {
+                let out = &mut image[y * sh * g.w..];
+                for (x, &v) in row.iter().enumerate() {
+                    out[x * sw] = v;
+                }
+            }
+        });
+        tensor(values, Shape::new([g.n, g.cin, g.h, g.w]))
     }
 
     /// Whether [`convolve`] takes [`winograd_convolve`]. Its transforms and copies cost per
@@ -1416,6 +1477,10 @@ pub(super) mod flex {
     ) -> FloatTensor<Flex> {
         let cout = output_grad.layout().shape()[1];
         let g = Geometry::new(x.layout().shape(), cout, kernel, options);
+        if reads_a_subsample(&g) {
+            let sub = subsampled(&contiguous_f32(&x), &g);
+            return weight_grad(sub, output_grad, kernel, &unstrided(), bf16, norm);
+        }
         let (positions, taps) = (g.positions(), g.taps());
         let xs = contiguous_f32(&x);
         let dys = contiguous_f32(&output_grad);

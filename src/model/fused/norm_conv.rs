@@ -542,7 +542,8 @@ mod tests {
             vec![Precision::F32]
         };
         // A 3x3 stride-1 convolution (its input gradient a convolution), a strided one
-        // (col2im), a 1x1 one (an unpadded input, normalised all the same), and a stem on
+        // (col2im), a 1x1 one (an unpadded input, normalised all the same) and a strided 1x1
+        // one (of a subsample of its input), and a stem on
         // three channels; at an even size, the stride-1 ones take Winograd (in bf16, at 32
         // channels and 16 wide, the AMX convolution of a channels-last input).
         for (pair, cin, cout, kernel, stride, size) in [
@@ -551,6 +552,7 @@ mod tests {
             (Pair::NormReluConv, 6, 8, 3, 1, 8),
             (Pair::NormReluConv, 6, 8, 3, 2, 7),
             (Pair::NormReluConv, 6, 8, 1, 1, 7),
+            (Pair::NormReluConv, 6, 8, 1, 2, 7),
             (Pair::ConvNormRelu, 3, 6, 3, 1, 7),
             (Pair::ConvNormRelu, 3, 6, 3, 1, 8),
         ] {
