@@ -600,31 +600,9 @@ unsafe fn kernel(
     load: bool,
 ) {
     use std::arch::asm;
-    let stride = c_row_stride * 4;
     // SAFETY: the caller's contract.
     unsafe {
-        let c01 = c.add(ROWS);
-        let c10 = c.add(ROWS * c_row_stride);
-        let c11 = c10.add(ROWS);
-        if load {
-            asm!(
-                "tileloadd tmm0, [{c00} + {s}*1]",
-                "tileloadd tmm1, [{c01} + {s}*1]",
-                "tileloadd tmm2, [{c10} + {s}*1]",
-                "tileloadd tmm3, [{c11} + {s}*1]",
-                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-                s = in(reg) stride,
-                options(nostack, readonly),
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-        }
+        start_accumulators(c, c_row_stride, load);
         asm!(
             "2:",
             "tileloadd tmm4, [{a0} + {s}*1]",
@@ -649,6 +627,43 @@ unsafe fn kernel(
             options(nostack, readonly),
         );
         store_accumulators(c, c_row_stride);
+    }
+}
+
+/// Starts the four accumulator tiles (0-3): loaded from the 32 x 32 block of floats at `c`
+/// (rows `c_row_stride` floats apart, laid out as [`store_accumulators`] writes them) when
+/// `load`, zero otherwise.
+///
+/// # Safety
+/// The tiles are configured on this thread and, when `load`, `c` holds the block.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn start_accumulators(c: *mut f32, c_row_stride: usize, load: bool) {
+    use std::arch::asm;
+    // SAFETY: the caller's contract.
+    unsafe {
+        if load {
+            let c01 = c.add(ROWS);
+            let c10 = c.add(ROWS * c_row_stride);
+            let c11 = c10.add(ROWS);
+            asm!(
+                "tileloadd tmm0, [{c00} + {s}*1]",
+                "tileloadd tmm1, [{c01} + {s}*1]",
+                "tileloadd tmm2, [{c10} + {s}*1]",
+                "tileloadd tmm3, [{c11} + {s}*1]",
+                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                s = in(reg) c_row_stride * 4,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
     }
 }
 
@@ -739,12 +754,15 @@ pub fn convolve_channels_last(
     );
     assert_eq!(input.len(), hp * wp * cin, "input is not [hp, wp, C_in]");
     assert_eq!(out.len(), cout * ho * wo, "output is not [C_out, ho * wo]");
-    // Byte offsets of each depth step's A rows from a segment's first position.
-    let offsets: Vec<usize> = (0..kh * kw)
+    // Per depth step, the byte offsets of its A rows from a segment's first position and of
+    // its B tiles in the packed panels.
+    let steps: Vec<[usize; 2]> = (0..kh * kw)
         .flat_map(|tap| {
             let at = (tap / kw * wp + tap % kw) * cin;
             (0..cin / DEPTH).map(move |block| 2 * (at + block * DEPTH))
         })
+        .enumerate()
+        .map(|(d, a)| [a, d * TILE * 2])
         .collect();
     let segment = |q: usize| {
         let (y, x) = (q * ROWS / wo, q * ROWS % wo);
@@ -767,10 +785,11 @@ pub fn convolve_channels_last(
             unsafe {
                 gathered_kernel(
                     [a0.cast(), a1.cast()],
-                    &offsets,
-                    2 * cin,
-                    [b0, b1],
-                    block.0.as_mut_ptr(),
+                    [b0.cast(), b1.cast()],
+                    &steps,
+                    [2 * cin, DEPTH * 2],
+                    (block.0.as_mut_ptr(), 2 * ROWS),
+                    false,
                 )
             };
             // `block`: rows = the two segments' positions, columns = 32 output channels.
@@ -797,69 +816,177 @@ pub fn convolve_channels_last(
     }
 }
 
-/// `C = [A0; A1] x [B0 B1]` for one 32 x 32 block (rows of 32 floats at `c`), overwritten,
-/// summed over `offsets.len()` depth steps: step `d` loads A0 and A1 from `a + offsets[d]`
-/// bytes (rows `a_stride` bytes apart) and the next packed B tiles.
+/// `C (+)= [A0; A1] x [B0 B1]` for one 32 x 32 block of floats at `c` (rows `c_row_stride`
+/// apart; added to when `load`), summed over `steps`: step `[a, b]` loads A0 and A1 from
+/// `a0 + a`, `a1 + a` and B0 and B1 from `b0 + b`, `b1 + b` (byte offsets; tile rows
+/// `strides` bytes apart), wherever the operands lie.
 ///
 /// # Safety
-/// The tiles are configured on this thread; every A tile lies in memory; the B panels hold
-/// `offsets.len()` tiles each; `c` holds 32 x 32 floats.
+/// The tiles are configured on this thread; every tile a step names lies in memory; `c`
+/// holds the 32 x 32 block.
 #[cfg(target_arch = "x86_64")]
 unsafe fn gathered_kernel(
     [a0, a1]: [*const u8; 2],
-    offsets: &[usize],
-    a_stride: usize,
-    [b0, b1]: [*const u16; 2],
-    c: *mut f32,
+    [b0, b1]: [*const u8; 2],
+    steps: &[[usize; 2]],
+    [a_stride, b_stride]: [usize; 2],
+    (c, c_row_stride): (*mut f32, usize),
+    load: bool,
 ) {
     use std::arch::asm;
+    if steps.is_empty() {
+        return;
+    }
     // SAFETY: the caller's contract.
     unsafe {
+        start_accumulators(c, c_row_stride, load);
         asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
             "2:",
-            "mov {o}, [{offs}]",
-            "lea {t}, [{a0} + {o}]",
-            "tileloadd tmm4, [{t} + {s}*1]",
-            "tileloadd tmm6, [{b0} + {bs}*1]",
+            "mov {oa}, [{step}]",
+            "mov {ob}, [{step} + 8]",
+            "lea {t}, [{a0} + {oa}]",
+            "tileloadd tmm4, [{t} + {sa}*1]",
+            "lea {t}, [{b0} + {ob}]",
+            "tileloadd tmm6, [{t} + {sb}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {bs}*1]",
+            "lea {t}, [{b1} + {ob}]",
+            "tileloadd tmm7, [{t} + {sb}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "lea {t}, [{a1} + {o}]",
-            "tileloadd tmm5, [{t} + {s}*1]",
+            "lea {t}, [{a1} + {oa}]",
+            "tileloadd tmm5, [{t} + {sa}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {offs}, 8",
-            "add {b0}, {tb}",
-            "add {b1}, {tb}",
+            "add {step}, 16",
             "dec {count}",
             "jnz 2b",
-            a0 = in(reg) a0, a1 = in(reg) a1,
-            offs = inout(reg) offsets.as_ptr() => _,
-            o = out(reg) _, t = out(reg) _,
-            s = in(reg) a_stride,
-            b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
-            bs = in(reg) DEPTH * 2,
-            tb = const TILE * 2,
-            count = inout(reg) offsets.len() => _,
+            a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+            step = inout(reg) steps.as_ptr() => _,
+            oa = out(reg) _, ob = out(reg) _, t = out(reg) _,
+            sa = in(reg) a_stride, sb = in(reg) b_stride,
+            count = inout(reg) steps.len() => _,
             options(nostack, readonly),
         );
-        store_accumulators(c, 2 * ROWS);
+        store_accumulators(c, c_row_stride);
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn gathered_kernel(
     _: [*const u8; 2],
-    _: &[usize],
-    _: usize,
-    _: [*const u16; 2],
-    _: *mut f32,
+    _: [*const u8; 2],
+    _: &[[usize; 2]],
+    _: [usize; 2],
+    _: (*mut f32, usize),
+    _: bool,
 ) {
     unreachable!("AMX is x86-64 only and `available` says so")
+}
+
+/// Whether [`add_weight_gradient`] takes a weight gradient with these channels.
+pub fn weight_gradient_applies(cin: usize, cout: usize) -> bool {
+    cin > 0 && cin.is_multiple_of(2 * ROWS) && cout > 0 && cout.is_multiple_of(2 * ROWS)
+}
+
+/// The operands of a stride-1 weight gradient laid out for [`add_weight_gradient`], per
+/// sample: its input as bf16 planes (`[C_in, plane]`, each the padded image row after row,
+/// `width` values a row, zeros after it) and its output gradient over the same flat positions
+/// `y * width + x` (zero where `x` is past the output's width), in bf16 with positions in
+/// pairs, `[flat / 2, C_out, 2]`.
+pub struct FlatGradient<'a> {
+    pub inputs: &'a [u16],
+    pub grads: &'a [u16],
+    pub plane: usize,
+    pub flat: usize,
+    pub width: usize,
+    pub samples: usize,
+}
+
+/// `sum[(c * taps + tap) * C_out + co] += sum over samples and flat positions p of
+/// x[c][p + offset(tap)] * dy[p][co]` (`taps` = `kh * kw`, tap `(i, j)` at offset `i * width +
+/// j`), on AMX tiles: A tiles are 16 input channels' planes at 32 flat positions, B tiles 32
+/// positions' (16 pairs') gradients of 16 output channels, both loaded where they lie, and each
+/// 32 x 32 block of the sum stays in the tiles over all positions. No im2col: the taps are
+/// offsets into the same planes.
+pub fn add_weight_gradient(
+    operands: &FlatGradient,
+    [cin, cout]: [usize; 2],
+    [kh, kw]: [usize; 2],
+    sum: &mut [f32],
+) {
+    assert!(available(), "AMX bf16 tiles are not available");
+    let FlatGradient {
+        inputs,
+        grads,
+        plane,
+        flat,
+        width,
+        samples,
+    } = *operands;
+    assert!(weight_gradient_applies(cin, cout), "unsupported channels");
+    assert!(
+        flat.is_multiple_of(DEPTH),
+        "flat positions are not whole depth blocks"
+    );
+    assert!(
+        plane >= flat + (kh - 1) * width + kw - 1,
+        "planes too short for every tap"
+    );
+    assert_eq!(
+        inputs.len(),
+        samples * cin * plane,
+        "inputs are not [S, C_in, plane]"
+    );
+    assert_eq!(
+        grads.len(),
+        samples * flat * cout,
+        "gradients are not [S, flat, C_out]"
+    );
+    let taps = kh * kw;
+    assert_eq!(
+        sum.len(),
+        cin * taps * cout,
+        "sum is not [C_in * taps, C_out]"
+    );
+    // Per depth step (32 flat positions of one sample): the byte offsets of its A rows and of
+    // its B rows.
+    let steps: Vec<[usize; 2]> = (0..samples)
+        .flat_map(|s| {
+            (0..flat / DEPTH).map(move |block| {
+                let a = (s * cin * plane + block * DEPTH) * 2;
+                let b = (s * flat + block * DEPTH) * cout * 2;
+                [a, b]
+            })
+        })
+        .collect();
+    configure_tiles();
+    let (a_stride, b_stride) = (plane * 2, cout * 4);
+    for tap in 0..taps {
+        let offset = tap / kw * width + tap % kw;
+        for c0 in (0..cin).step_by(2 * ROWS) {
+            // SAFETY: in bounds (asserted sizes): channel `c0 + 16` and this tap's offset.
+            let a0 = unsafe { inputs.as_ptr().add(c0 * plane + offset) };
+            let a1 = unsafe { a0.add(ROWS * plane) };
+            for co in (0..cout).step_by(2 * ROWS) {
+                // SAFETY: a pair's values of output channel `co + 16`.
+                let b0 = unsafe { grads.as_ptr().add(co * 2) };
+                let b1 = unsafe { b0.add(ROWS * 2) };
+                let c = &mut sum[(c0 * taps + tap) * cout + co..];
+                // SAFETY: every step's tiles lie in the operands (asserted sizes; a plane
+                // holds every tap's reads), the 32 x 32 block lies in `sum` (rows `taps *
+                // C_out` apart), and the tiles are configured here.
+                unsafe {
+                    gathered_kernel(
+                        [a0.cast(), a1.cast()],
+                        [b0.cast(), b1.cast()],
+                        &steps,
+                        [a_stride, b_stride],
+                        (c.as_mut_ptr(), taps * cout),
+                        true,
+                    )
+                };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -950,6 +1077,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The flat weight gradient against the sums it stands for, on bf16-exact values: 3x3 with
+    /// padding (rows of 8, 16 and 5 wide, so flat positions past each row's end and a last
+    /// partial block), and 1x1; several samples, channel pairs and output column pairs.
+    #[test]
+    fn sums_weight_gradients_over_flat_positions() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the flat weight gradient is not exercised here");
+            return;
+        }
+        for (samples, cin, cout, [h, w], k) in [
+            (2, 32, 64, [8usize, 8], 3usize),
+            (3, 64, 32, [4, 16], 3),
+            (1, 32, 32, [5, 5], 3),
+            (2, 32, 32, [6, 6], 1),
+        ] {
+            let pad = k / 2;
+            let (width, ho, wo) = (w + 2 * pad, h, w);
+            let flat = (ho * width).next_multiple_of(DEPTH);
+            let plane = (flat + (k - 1) * width + k - 1).next_multiple_of(DEPTH);
+            let exact = |v: Vec<f32>| v.into_iter().map(|x| f32_of(bf16(x))).collect::<Vec<_>>();
+            let x = exact(values(samples * cin * h * w, 21));
+            let dy = exact(values(samples * cout * ho * wo, 22));
+            let mut inputs = vec![0u16; samples * cin * plane];
+            for (s, c, y, xx) in positions_of(samples, cin, h, w) {
+                inputs[(s * cin + c) * plane + (y + pad) * width + xx + pad] =
+                    bf16(x[((s * cin + c) * h + y) * w + xx]);
+            }
+            let mut grads = vec![0u16; samples * flat * cout];
+            for (s, co, y, xx) in positions_of(samples, cout, ho, wo) {
+                let f = y * width + xx;
+                grads[((s * flat / 2 + f / 2) * cout + co) * 2 + f % 2] =
+                    bf16(dy[((s * cout + co) * ho + y) * wo + xx]);
+            }
+            let operands = FlatGradient {
+                inputs: &inputs,
+                grads: &grads,
+                plane,
+                flat,
+                width,
+                samples,
+            };
+            let taps = k * k;
+            let before = values(cin * taps * cout, 23);
+            let mut sum = before.clone();
+            add_weight_gradient(&operands, [cin, cout], [k, k], &mut sum);
+            for c in 0..cin {
+                for tap in 0..taps {
+                    let (i, j) = (tap / k, tap % k);
+                    for co in 0..cout {
+                        let mut expected = before[(c * taps + tap) * cout + co] as f64;
+                        for (s, _, y, xx) in positions_of(samples, 1, ho, wo) {
+                            let (yi, xj) = (
+                                (y + i) as isize - pad as isize,
+                                (xx + j) as isize - pad as isize,
+                            );
+                            if yi < 0 || xj < 0 || yi >= h as isize || xj >= w as isize {
+                                continue;
+                            }
+                            expected += x[((s * cin + c) * h + yi as usize) * w + xj as usize]
+                                as f64
+                                * dy[((s * cout + co) * ho + y) * wo + xx] as f64;
+                        }
+                        let got = sum[(c * taps + tap) * cout + co] as f64;
+                        assert!(
+                            (got - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
+                            "{cin} -> {cout}, {h}x{w}, k {k}: [{c}, {tap}, {co}] {got} vs {expected}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every `(sample, channel, y, x)` of `[samples, channels, h, w]`, in order.
+    fn positions_of(
+        samples: usize,
+        channels: usize,
+        h: usize,
+        w: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        (0..samples).flat_map(move |s| {
+            (0..channels)
+                .flat_map(move |c| (0..h).flat_map(move |y| (0..w).map(move |x| (s, c, y, x))))
+        })
     }
 
     #[test]

@@ -204,8 +204,9 @@ pub(super) mod flex {
     const WINOGRAD_MIN_WORK: usize = 1;
     /// Under `--precision bf16`, the most channels (in or out) at which a 3x3 stride-1
     /// convolution still takes f32 Winograd rather than the AMX tiles, in its forward and
-    /// input gradient, and in its weight gradient. Timed alone (B = 128, both cores, ms,
-    /// Winograd vs AMX): forward 16 channels 2.09 vs 2.60, 32 1.24 vs 1.22, 64 1.11 vs 1.01;
+    /// input gradient, and in its weight gradient (where the flat weight gradient on AMX,
+    /// `takes_flat_gradient`, does not apply). Timed alone (B = 128, both cores, ms, Winograd
+    /// vs AMX by im2col): forward 16 channels 2.09 vs 2.60, 32 1.24 vs 1.22, 64 1.11 vs 1.01;
     /// weight gradient 16 channels 2.72 vs 6.52, 32 1.69 vs 2.73, 64 at 8x8 2.11 vs 2.21 and at
     /// 32x32 24.1 vs 33.3, 128 20.2 vs 17.6 (at 16 output channels the AMX kernel's 32 x 32
     /// blocks are half empty).
@@ -218,6 +219,20 @@ pub(super) mod flex {
     const WINOGRAD_SPLIT_POINTS_FROM: usize = 1 << 20;
     #[cfg(test)]
     const WINOGRAD_SPLIT_POINTS_FROM: usize = 1000;
+    /// Bytes of flat operands (input planes and output gradient pairs, bf16) per chunk of a
+    /// flat weight gradient (`flat_weight_grad`): in L2 while every block of the sum passes
+    /// over them.
+    const FLAT_CHUNK_BYTES: usize = 1 << 20;
+    /// Output rows from which a bf16 weight gradient takes flat positions: the padding columns
+    /// it sums over as zeros cost 2 / width more products (`byol bench conv`, ms, against the
+    /// f32 Winograd or the im2col on AMX it replaced: 32 wide, 64 channels 10.1-10.8 vs
+    /// 22.5-23.4; 16 wide, 128 channels 9.4-10.5 vs 15.7-17.2, 32 channels 1.37-1.42 vs
+    /// 1.70-1.85; but 8 wide, 256 channels 14.5 vs 11.5, and 4 wide, 512 channels 26.9 vs
+    /// 15.5). The tests take it at any width.
+    #[cfg(not(test))]
+    const FLAT_MIN_WIDTH: usize = 16;
+    #[cfg(test)]
+    const FLAT_MIN_WIDTH: usize = 1;
     /// Transformed values (all points, all channels: 4 MB) a Winograd block aims at (see
     /// `Geometry::winograd_blocks`).
     const WINOGRAD_VALUES: usize = 1 << 20;
@@ -786,6 +801,109 @@ pub(super) mod flex {
             });
             amx::matmul(&mut part.sum, cout, &columns, &grads, true);
         });
+    }
+
+    /// Whether [`weight_grad`] in bf16 takes [`flat_weight_grad`]: stride 1, channels in
+    /// blocks of 32, rows (padded, and of the output) of even length, so that the flat
+    /// positions pair up within a row, and at least `FLAT_MIN_WIDTH` wide.
+    fn takes_flat_gradient(g: &Geometry) -> bool {
+        let width = g.w + 2 * g.pad[1];
+        g.stride == [1, 1]
+            && amx::weight_gradient_applies(g.cin, g.cout)
+            && width.is_multiple_of(2)
+            && g.wo.is_multiple_of(2)
+            && g.wo >= FLAT_MIN_WIDTH
+    }
+
+    /// [`weight_grad`] in bf16 by [`amx::add_weight_gradient`], with no im2col: each thread
+    /// lays its samples out flat, a chunk at a time (the input as padded bf16 planes, through
+    /// `norm` as it is copied; `dy` over the same positions, transposed to pairs of positions
+    /// by 16 x 16 blocks), and sums them into its own `[taps, C_out]` part.
+    fn flat_weight_grad(
+        g: &Geometry,
+        xs: &[f32],
+        dys: &[f32],
+        norm: Option<&ChannelNorm>,
+    ) -> Vec<f32> {
+        const LANES: usize = 16;
+        let (cin, cout, window, positions) = (g.cin, g.cout, g.kh * g.kw, g.positions());
+        let [ph, pw] = g.pad;
+        let width = g.w + 2 * pw;
+        let flat = (g.ho * width).next_multiple_of(2 * LANES);
+        let plane = (flat + (g.kh - 1) * width + g.kw - 1).next_multiple_of(2 * LANES);
+        let per_sample = (cin * plane + flat * cout) * 2;
+        let chunk = (FLAT_CHUNK_BYTES / per_sample).clamp(1, g.n);
+        let threads = rayon::current_num_threads().clamp(1, g.n);
+        let mut parts: Vec<SumPart> = (0..threads)
+            .map(|_| SumPart::new(cin * window * cout))
+            .collect();
+        parts.par_iter_mut().enumerate().for_each(|(index, part)| {
+            let samples = g.n * index / threads..g.n * (index + 1) / threads;
+            for first in samples.clone().step_by(chunk) {
+                let count = chunk.min(samples.end - first);
+                let inputs = prefix(&mut part.columns, count * cin * plane);
+                let grads = prefix(&mut part.dy, count * flat * cout);
+                let row = prefix(&mut part.row, g.w);
+                inputs.fill(0);
+                grads.fill(0);
+                for (s, planes) in inputs.chunks_exact_mut(cin * plane).enumerate() {
+                    let image = &xs[(first + s) * cin * g.h * g.w..][..cin * g.h * g.w];
+                    for (c, out) in planes.chunks_exact_mut(plane).enumerate() {
+                        let norm = norm.map(|norm| norm.channel(c));
+                        let rows = image[c * g.h * g.w..][..g.h * g.w].chunks_exact(g.w);
+                        for (y, values) in rows.enumerate() {
+                            let dst = &mut out[(y + ph) * width + pw..][..g.w];
+                            match &norm {
+                                Some(f) => {
+                                    for (r, &v) in row.iter_mut().zip(values) {
+                                        *r = f(v, 0.0);
+                                    }
+                                    amx::to_bf16(row, dst);
+                                }
+                                None => amx::to_bf16(values, dst),
+                            }
+                        }
+                    }
+                }
+                wide(
+                    #[inline(always)]
+                    || {
+                        for (s, pairs) in grads.chunks_exact_mut(flat * cout).enumerate() {
+                            let grad = &dys[(first + s) * cout * positions..][..cout * positions];
+                            for co in (0..cout).step_by(LANES) {
+                                for y in 0..g.ho {
+                                    for x0 in (0..g.wo).step_by(LANES) {
+                                        let nx = LANES.min(g.wo - x0);
+                                        let mut block = [[0f32; LANES]; LANES];
+                                        for (k, values) in block.iter_mut().enumerate() {
+                                            let at = (co + k) * positions + y * g.wo + x0;
+                                            values[..nx].copy_from_slice(&grad[at..at + nx]);
+                                        }
+                                        transpose16(&mut block);
+                                        for m in (0..nx).step_by(2) {
+                                            let f = y * width + x0 + m;
+                                            let out =
+                                                &mut pairs[(f / 2 * cout + co) * 2..][..2 * LANES];
+                                            amx::interleave_runs(&block[m], &block[m + 1], out);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    },
+                );
+                let operands = amx::FlatGradient {
+                    inputs,
+                    grads,
+                    plane,
+                    flat,
+                    width,
+                    samples: count,
+                };
+                amx::add_weight_gradient(&operands, [cin, cout], [g.kh, g.kw], &mut part.sum);
+            }
+        });
+        transposed_sum(&parts, [cin * window, cout])
     }
 
     /// One thread's share of a weight gradient split over the threads: its `[taps, C_out]`
@@ -1484,6 +1602,10 @@ pub(super) mod flex {
         let (positions, taps) = (g.positions(), g.taps());
         let xs = contiguous_f32(&x);
         let dys = contiguous_f32(&output_grad);
+        if bf16 && takes_flat_gradient(&g) {
+            let total = flat_weight_grad(&g, &xs, &dys, norm);
+            return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
+        }
         if takes_winograd_gradient(&g, bf16) {
             let total = winograd_weight_grad(&g, &xs, &dys, norm);
             return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
@@ -1816,8 +1938,11 @@ mod tests {
             (16, 16, 3, 1, 8, narrow),
             (40, 36, 3, 1, 8, weight_grad_only),
             // Rows of 16 and 32-channel blocks: the forward and input gradient convolve a
-            // channels-last input on AMX (`amx::convolve_channels_last`), no im2col.
-            (32, 64, 3, 1, 16, weight_grad_only),
+            // channels-last input on AMX (`amx::convolve_channels_last`), no im2col, and the
+            // weight gradient sums flat positions on AMX (`flat_weight_grad`).
+            (32, 64, 3, 1, 16, amx),
+            // Rows of 8 (flat positions past each row's end), the rest by im2col.
+            (96, 64, 3, 1, 8, amx),
         ] {
             let pad = kernel / 2;
             let conv = test_conv([cin, cout], kernel, stride, pad, &device);
