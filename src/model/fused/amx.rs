@@ -630,6 +630,22 @@ unsafe fn kernel(
     }
 }
 
+/// The first floats of the four 16 x 16 quarters of the 32 x 32 block at `c` (rows
+/// `c_row_stride` floats apart), in accumulator order: top left, top right, bottom left,
+/// bottom right.
+///
+/// # Safety
+/// `c` holds the block.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn corners(c: *mut f32, c_row_stride: usize) -> [*mut f32; 4] {
+    // SAFETY: within the block (the caller's contract).
+    unsafe {
+        let below = c.add(ROWS * c_row_stride);
+        [c, c.add(ROWS), below, below.add(ROWS)]
+    }
+}
+
 /// Starts the four accumulator tiles (0-3): loaded from the 32 x 32 block of floats at `c`
 /// (rows `c_row_stride` floats apart, laid out as [`store_accumulators`] writes them) when
 /// `load`, zero otherwise.
@@ -643,15 +659,13 @@ unsafe fn start_accumulators(c: *mut f32, c_row_stride: usize, load: bool) {
     // SAFETY: the caller's contract.
     unsafe {
         if load {
-            let c01 = c.add(ROWS);
-            let c10 = c.add(ROWS * c_row_stride);
-            let c11 = c10.add(ROWS);
+            let [c00, c01, c10, c11] = corners(c, c_row_stride);
             asm!(
                 "tileloadd tmm0, [{c00} + {s}*1]",
                 "tileloadd tmm1, [{c01} + {s}*1]",
                 "tileloadd tmm2, [{c10} + {s}*1]",
                 "tileloadd tmm3, [{c11} + {s}*1]",
-                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
                 s = in(reg) c_row_stride * 4,
                 options(nostack, readonly),
             );
@@ -677,15 +691,13 @@ unsafe fn start_accumulators(c: *mut f32, c_row_stride: usize, load: bool) {
 unsafe fn store_accumulators(c: *mut f32, c_row_stride: usize) {
     // SAFETY: the caller's contract.
     unsafe {
-        let c01 = c.add(ROWS);
-        let c10 = c.add(ROWS * c_row_stride);
-        let c11 = c10.add(ROWS);
+        let [c00, c01, c10, c11] = corners(c, c_row_stride);
         std::arch::asm!(
             "tilestored [{c00} + {s}*1], tmm0",
             "tilestored [{c01} + {s}*1], tmm1",
             "tilestored [{c10} + {s}*1], tmm2",
             "tilestored [{c11} + {s}*1], tmm3",
-            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
             s = in(reg) c_row_stride * 4,
             options(nostack),
         );
