@@ -15,9 +15,10 @@
 //! kernel (four accumulators, two A and two B tiles: the eight tile registers).
 //!
 //! A stride-1 convolution whose rows are whole 16-position segments and whose channels come in
-//! blocks of 32 packs no input at all ([`convolve_channels_last`]): with the input channels
-//! last, the 32 channels of 16 neighbouring positions under one kernel tap are an A tile as
-//! they lie in memory, rows `C_in` apart.
+//! blocks of 32 packs no input at all ([`convolve_pair_planes`]): with the input in planes of
+//! channel pairs, 16 neighbouring positions of 16 channel pairs under one kernel tap are a B
+//! tile as they lie in memory, rows a plane apart; its weight gradient likewise
+//! ([`add_weight_gradient`]).
 
 /// Rows of a tile, and columns of an output tile.
 const ROWS: usize = 16;
@@ -709,10 +710,10 @@ unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, 
     unreachable!("AMX is x86-64 only and `available` says so")
 }
 
-/// Whether [`convolve_channels_last`] takes a stride-1 convolution of these sizes: whole
-/// 32-channel depth blocks in and 32-channel column pairs out, rows of whole 16-position
+/// Whether [`convolve_pair_planes`] takes a stride-1 convolution of these sizes: whole
+/// 32-channel depth blocks in and 32-channel row pairs out, rows of whole 16-position
 /// segments, and an even number of segments per sample.
-pub fn channels_last_applies(cin: usize, cout: usize, [ho, wo]: [usize; 2]) -> bool {
+pub fn pair_planes_apply(cin: usize, cout: usize, [ho, wo]: [usize; 2]) -> bool {
     cin > 0
         && cin.is_multiple_of(DEPTH)
         && cout.is_multiple_of(2 * ROWS)
@@ -735,26 +736,23 @@ pub fn to_bf16(values: &[f32], out: &mut [u16]) {
     }
 }
 
-/// One sample of a stride-1 convolution read straight from its input, in bf16 with channels
-/// last and padded (`[hp, wp, C_in]`), into `out` (`[C_out, ho * wo]`, f32). The 16 output
-/// positions of a row segment make an A tile whose rows (one position's 32 channels each,
-/// `C_in` values apart) are loaded where they lie, once per kernel tap and 32 channels:
-/// no im2col and no packing of the input. `weights` is B, `[taps * C_in, C_out]` with the
-/// depth tap-major (`(i * kw + j) * C_in + c`). Sizes as [`channels_last_applies`].
-pub fn convolve_channels_last(
+/// One sample of a stride-1 convolution read straight from its input, in bf16 planes of
+/// channel pairs, padded (`[C_in / 2, hp, wp, 2]`), into `out` (`[C_out, ho * wo]`, f32, each
+/// 32 x 32 block of products stored where it lands: rows are output channels). The 16 output
+/// positions of a row segment, under one kernel tap, make a B tile whose rows (16 channel
+/// pairs, a plane apart) are loaded where they lie; `weights` is A, `[C_out, taps * C_in]`
+/// with the depth tap-major (`(i * kw + j) * C_in + c`). Sizes as [`pair_planes_apply`].
+pub fn convolve_pair_planes(
     input: &[u16],
     [hp, wp, cin]: [usize; 3],
     [kh, kw]: [usize; 2],
     [ho, wo]: [usize; 2],
-    weights: &PackedB,
+    weights: &PackedA,
     out: &mut [f32],
 ) {
     assert!(available(), "AMX bf16 tiles are not available");
-    let cout = weights.n;
-    assert!(
-        channels_last_applies(cin, cout, [ho, wo]),
-        "unsupported sizes"
-    );
+    let cout = weights.m;
+    assert!(pair_planes_apply(cin, cout, [ho, wo]), "unsupported sizes");
     assert_eq!(
         weights.k,
         kh * kw * cin,
@@ -764,66 +762,49 @@ pub fn convolve_channels_last(
         hp >= ho + kh - 1 && wp >= wo + kw - 1,
         "padded input too small"
     );
-    assert_eq!(input.len(), hp * wp * cin, "input is not [hp, wp, C_in]");
+    let plane = hp * wp * 2;
+    assert_eq!(
+        input.len(),
+        cin / 2 * plane,
+        "input is not [C_in / 2, hp, wp, 2]"
+    );
     assert_eq!(out.len(), cout * ho * wo, "output is not [C_out, ho * wo]");
-    // Per depth step, the byte offsets of its A rows from a segment's first position and of
-    // its B tiles in the packed panels.
-    let steps: Vec<[usize; 2]> = (0..kh * kw)
-        .flat_map(|tap| {
-            let at = (tap / kw * wp + tap % kw) * cin;
-            (0..cin / DEPTH).map(move |block| 2 * (at + block * DEPTH))
+    // Per depth step (a tap and 32 channels): the byte offsets of its A tiles in the packed
+    // panels and of its B rows from a segment's first position.
+    let blocks = cin / DEPTH;
+    let steps: Vec<[usize; 2]> = (0..kh * kw * blocks)
+        .map(|d| {
+            let (tap, block) = (d / blocks, d % blocks);
+            let at = block * ROWS * plane + (tap / kw * wp + tap % kw) * 2;
+            [d * TILE * 2, at * 2]
         })
-        .enumerate()
-        .map(|(d, a)| [a, d * TILE * 2])
         .collect();
     let segment = |q: usize| {
         let (y, x) = (q * ROWS / wo, q * ROWS % wo);
         // SAFETY: in bounds: `(y, x)` is an output position, every offset reads a tap of it.
-        (
-            unsafe { input.as_ptr().add((y * wp + x) * cin) },
-            y * wo + x,
-        )
+        (unsafe { input.as_ptr().add((y * wp + x) * 2) }, y * wo + x)
     };
     configure_tiles();
     let positions = ho * wo;
-    let mut block = Block([0.0; 4 * ROWS * ROWS]);
-    for jb in (0..weights.blocks.outer).step_by(2) {
-        let b0 = weights.tiles[weights.blocks.tile(jb, 0)].as_ptr();
-        let b1 = weights.tiles[weights.blocks.tile(jb + 1, 0)].as_ptr();
+    for ib in (0..weights.blocks.outer).step_by(2) {
+        let a0 = weights.tiles[weights.blocks.tile(ib, 0)].as_ptr();
+        let a1 = weights.tiles[weights.blocks.tile(ib + 1, 0)].as_ptr();
         for q in (0..positions / ROWS).step_by(2) {
-            let ((a0, p0), (a1, p1)) = (segment(q), segment(q + 1));
-            // SAFETY: the offsets stay in `input` (asserted sizes), each B panel holds a tile
-            // per depth step, `block` is 32 x 32, and the tiles are configured here.
+            let ((b0, first), (b1, _)) = (segment(q), segment(q + 1));
+            let c = &mut out[ib * ROWS * positions + first..];
+            // SAFETY: the offsets stay in `input` and the panels (asserted sizes); the 32 x 32
+            // block (two segments, adjacent in the output, of 32 output channels) lies in
+            // `out`; the tiles are configured here.
             unsafe {
                 gathered_kernel(
                     [a0.cast(), a1.cast()],
                     [b0.cast(), b1.cast()],
                     &steps,
-                    [2 * cin, DEPTH * 2],
-                    (block.0.as_mut_ptr(), 2 * ROWS),
+                    [DEPTH * 2, plane * 2],
+                    (c.as_mut_ptr(), positions),
                     false,
                 )
             };
-            // `block`: rows = the two segments' positions, columns = 32 output channels.
-            super::wide(
-                #[inline(always)]
-                || {
-                    for (half, first) in [p0, p1].into_iter().enumerate() {
-                        for part in 0..2 {
-                            let mut tile = [[0f32; ROWS]; ROWS];
-                            for (r, row) in tile.iter_mut().enumerate() {
-                                let at = (half * ROWS + r) * 2 * ROWS + part * ROWS;
-                                row.copy_from_slice(&block.0[at..][..ROWS]);
-                            }
-                            super::transpose16(&mut tile);
-                            let co = (jb + part) * ROWS;
-                            for (k, row) in tile.iter().enumerate() {
-                                out[(co + k) * positions + first..][..ROWS].copy_from_slice(row);
-                            }
-                        }
-                    }
-                },
-            );
         }
     }
 }
@@ -1034,41 +1015,44 @@ mod tests {
             .collect()
     }
 
-    /// The channels-last convolution against the sums it stands for, on bf16-exact values (so
-    /// that only the order of the f32 additions differs): segments paired within a row (32
-    /// wide) and across rows (16 wide), 3x3 and 1x1 kernels, several output column pairs.
+    /// The pair-plane convolution against the sums it stands for, on bf16-exact values (so that
+    /// only the order of the f32 additions differs): segments paired within a row (32 wide)
+    /// and across rows (16 wide), 3x3 and 1x1 kernels, several output row pairs.
     #[test]
-    fn convolves_channels_last_input() {
+    fn convolves_pair_planes() {
         if !available() {
-            eprintln!("no AMX on this CPU: the channels-last convolution is not exercised here");
+            eprintln!("no AMX on this CPU: the pair-plane convolution is not exercised here");
             return;
         }
         for (cin, cout, [ho, wo], k) in [
-            (32, 64, [16, 16], 3),
+            (32, 64, [16usize, 16], 3usize),
             (64, 32, [3, 32], 3),
             (32, 96, [2, 16], 1),
         ] {
             let pad = k / 2;
             let (hp, wp) = (ho + 2 * pad, wo + 2 * pad);
             let exact = |v: Vec<f32>| v.into_iter().map(|x| f32_of(bf16(x))).collect::<Vec<_>>();
-            let input = exact(values(hp * wp * cin, 11));
+            // `[C_in, hp, wp]`, padding included (its values are read like any others).
+            let input = exact(values(cin * hp * wp, 11));
             let weight = exact(values(cout * cin * k * k, 12));
-            // B `[taps * C_in, C_out]`, tap-major depth.
             let taps = k * k;
-            let mut b_src = vec![0f32; taps * cin * cout];
-            for co in 0..cout {
-                for c in 0..cin {
-                    for t in 0..taps {
-                        b_src[(t * cin + c) * cout + co] = weight[(co * cin + c) * taps + t];
-                    }
+            let plane = hp * wp * 2;
+            let mut pairs = vec![0u16; cin / 2 * plane];
+            for c in 0..cin {
+                for at in 0..hp * wp {
+                    pairs[c / 2 * plane + at * 2 + c % 2] = bf16(input[c * hp * wp + at]);
                 }
             }
             let mut buffer = Vec::new();
-            let b = pack_b_rows(&mut buffer, &b_src, cout, [taps * cin, cout]);
-            let mut bf = vec![0u16; input.len()];
-            to_bf16(&input, &mut bf);
+            let a = pack_a_rows(&mut buffer, [cout, taps * cin], |co, row| {
+                for c in 0..cin {
+                    for t in 0..taps {
+                        row[t * cin + c] = weight[(co * cin + c) * taps + t];
+                    }
+                }
+            });
             let mut out = vec![f32::NAN; cout * ho * wo];
-            convolve_channels_last(&bf, [hp, wp, cin], [k, k], [ho, wo], &b, &mut out);
+            convolve_pair_planes(&pairs, [hp, wp, cin], [k, k], [ho, wo], &a, &mut out);
             for co in 0..cout {
                 for y in 0..ho {
                     for x in 0..wo {
@@ -1076,7 +1060,7 @@ mod tests {
                         for t in 0..taps {
                             let (i, j) = (t / k, t % k);
                             for c in 0..cin {
-                                sum += input[((y + i) * wp + x + j) * cin + c] as f64
+                                sum += input[(c * hp + y + i) * wp + x + j] as f64
                                     * weight[(co * cin + c) * taps + t] as f64;
                             }
                         }

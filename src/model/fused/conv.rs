@@ -1124,8 +1124,8 @@ pub(super) mod flex {
             let output = winograd_convolve(&g, &xs, &weights, norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
-        if bf16 && g.stride == [1, 1] && amx::channels_last_applies(g.cin, cout, [g.ho, g.wo]) {
-            let output = channels_last_convolve(&g, &xs, &weights, norm);
+        if bf16 && g.stride == [1, 1] && amx::pair_planes_apply(g.cin, cout, [g.ho, g.wo]) {
+            let output = pair_planes_convolve(&g, &xs, &weights, norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
         let mut packed_weights = Vec::new();
@@ -1225,44 +1225,59 @@ pub(super) mod flex {
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
     }
 
-    /// [`convolve`] in bf16 by [`amx::convolve_channels_last`], sample by sample: the input
-    /// copied channels-last and padded (through `norm` as it is copied), rounded to bf16, and
-    /// convolved where it lies, with no im2col.
-    fn channels_last_convolve(
+    /// [`convolve`] in bf16 by [`amx::convolve_pair_planes`], sample by sample: the input
+    /// copied into padded planes of channel pairs in bf16 (through `norm` as it is copied) and
+    /// convolved where it lies, with no im2col; the products land in the NCHW output as they
+    /// are.
+    fn pair_planes_convolve(
         g: &Geometry,
         xs: &[f32],
         weights: &[f32],
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
         let (cin, cout, window) = (g.cin, g.cout, g.kh * g.kw);
-        // B `[window * C_in, C_out]`, the depth tap-major.
-        let mut tap_major = vec![0f32; window * cin * cout];
-        for (co, kernels) in weights.chunks_exact(cin * window).enumerate() {
+        // A `[C_out, window * C_in]`, the depth tap-major.
+        let mut buffer = Vec::new();
+        let packed = amx::pack_a_rows(&mut buffer, [cout, window * cin], |co, row| {
+            let kernels = &weights[co * cin * window..][..cin * window];
             for (c, kernel) in kernels.chunks_exact(window).enumerate() {
                 for (tap, &v) in kernel.iter().enumerate() {
-                    tap_major[(tap * cin + c) * cout + co] = v;
+                    row[tap * cin + c] = v;
                 }
             }
-        }
-        let mut buffer = Vec::new();
-        let packed = amx::pack_b_rows(&mut buffer, &tap_major, cout, [window * cin, cout]);
-        let padded = [g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]];
-        let (image, outputs) = (cin * g.h * g.w, cout * g.positions());
+        });
+        let ([ph, pw], [hp, wp]) = (g.pad, [g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]]);
+        let (image, outputs, plane) = (cin * g.h * g.w, cout * g.positions(), hp * wp * 2);
         filled_by_runs(g.n * outputs, outputs, |s, out| {
             with_scratch(|scratch| {
-                let values = channels_last(
-                    &xs[s * image..][..image],
-                    [cin, g.h, g.w],
-                    g.pad,
-                    padded,
-                    &mut scratch.padded,
-                    norm,
-                );
-                let input = prefix(&mut scratch.pairs, values.len());
-                amx::to_bf16(values, input);
-                amx::convolve_channels_last(
+                let input = prefix(&mut scratch.pairs, cin / 2 * plane);
+                input.fill(0);
+                let rows = prefix(&mut scratch.padded, 2 * g.w);
+                let (first, second) = rows.split_at_mut(g.w);
+                let planes = xs[s * image..][..image].chunks_exact(g.h * g.w);
+                let channel_pairs = planes.clone().step_by(2).zip(planes.skip(1).step_by(2));
+                for (p, ((a, b), pairs)) in
+                    channel_pairs.zip(input.chunks_exact_mut(plane)).enumerate()
+                {
+                    for (y, (a, b)) in a.chunks_exact(g.w).zip(b.chunks_exact(g.w)).enumerate() {
+                        let out = &mut pairs[((y + ph) * wp + pw) * 2..][..2 * g.w];
+                        let Some(norm) = norm else {
+                            amx::interleave_runs(a, b, out);
+                            continue;
+                        };
+                        let (fa, fb) = (norm.channel(2 * p), norm.channel(2 * p + 1));
+                        for ((o, &v), (q, &u)) in
+                            first.iter_mut().zip(a).zip(second.iter_mut().zip(b))
+                        {
+                            *o = fa(v, 0.0);
+                            *q = fb(u, 0.0);
+                        }
+                        amx::interleave_runs(first, second, out);
+                    }
+                }
+                amx::convolve_pair_planes(
                     input,
-                    [padded[0], padded[1], cin],
+                    [hp, wp, cin],
                     [g.kh, g.kw],
                     [g.ho, g.wo],
                     &packed,
@@ -1937,9 +1952,9 @@ mod tests {
             (36, 24, 1, 2, 8, amx),
             (16, 16, 3, 1, 8, narrow),
             (40, 36, 3, 1, 8, weight_grad_only),
-            // Rows of 16 and 32-channel blocks: the forward and input gradient convolve a
-            // channels-last input on AMX (`amx::convolve_channels_last`), no im2col, and the
-            // weight gradient sums flat positions on AMX (`flat_weight_grad`).
+            // Rows of 16 and 32-channel blocks: the forward and input gradient convolve planes
+            // of channel pairs on AMX (`amx::convolve_pair_planes`), no im2col, and the weight
+            // gradient sums flat positions on AMX (`flat_weight_grad`).
             (32, 64, 3, 1, 16, amx),
             // Rows of 8 (flat positions past each row's end), the rest by im2col.
             (96, 64, 3, 1, 8, amx),

@@ -545,7 +545,7 @@ mod tests {
         // (col2im), a 1x1 one (an unpadded input, normalised all the same) and a strided 1x1
         // one (of a subsample of its input), and a stem on
         // three channels; at an even size, the stride-1 ones take Winograd (in bf16, at 32
-        // channels and 16 wide, the AMX convolution of a channels-last input; at 96, the AMX
+        // channels and 16 wide, the AMX convolution of planes of channel pairs; at 96, the AMX
         // weight gradient from flat positions).
         for (pair, cin, cout, kernel, stride, size) in [
             (Pair::NormReluConv, 6, 8, 3, 1, 7),
