@@ -201,6 +201,7 @@ pub struct ConvTiming {
 #[cfg(feature = "flex")]
 pub fn bench_conv(config: &TrainConfig, warmup: usize, steps: usize) -> Vec<ConvTiming> {
     use crate::model::fused::conv::{self, GemmConvOps};
+    use burn::backend::ops::conv::calculate_conv_output_size_asymmetric;
     type Ops = burn::backend::Dispatch;
     let device = Device::flex();
     let (batch, size) = (config.data.batch_size, config.data.image_size);
@@ -232,13 +233,15 @@ pub fn bench_conv(config: &TrainConfig, warmup: usize, steps: usize) -> Vec<Conv
             } = call;
             let [n, _, h, w] = input;
             let [cout, cin, kh, kw] = weight;
-            let out = |size: usize, k: usize, axis: usize| {
-                let (before, after) = options.padding[axis];
-                (size + before + after - options.dilation[axis] * (k - 1) - 1)
-                    / options.stride[axis]
-                    + 1
-            };
-            let [ho, wo] = [out(h, kh, 0), out(w, kw, 1)];
+            let [ho, wo] = [0, 1].map(|axis| {
+                calculate_conv_output_size_asymmetric(
+                    [kh, kw][axis],
+                    options.stride[axis],
+                    options.padding[axis],
+                    options.dilation[axis],
+                    [h, w][axis],
+                )
+            });
             let normal = Distribution::Normal(0.0, 1.0);
             let x = Tensor::<4>::random(input, normal, &device).into_dispatch();
             let kernel = Tensor::<4>::random(weight, normal, &device).into_dispatch();

@@ -625,9 +625,6 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let mut config = TrainConfig::preset(&args.preset)?;
     args.model.apply(&mut config);
     config.validate()?;
-    if args.kind == BenchKind::Conv {
-        return bench_conv(args, &config);
-    }
     let reports = match args.kind {
         BenchKind::Train | BenchKind::Infer => {
             let device = args
@@ -647,7 +644,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
             report.precision = args.precision.name();
             vec![report]
         }
-        BenchKind::Conv => unreachable!("handled above"),
+        BenchKind::Conv => return bench_conv(args, &config),
         BenchKind::Data => {
             let dataset = match &args.data {
                 Some(path) => {
