@@ -849,19 +849,10 @@ pub(super) mod flex {
                 for (s, planes) in inputs.chunks_exact_mut(cin * plane).enumerate() {
                     let image = &xs[(first + s) * cin * g.h * g.w..][..cin * g.h * g.w];
                     for (c, out) in planes.chunks_exact_mut(plane).enumerate() {
-                        let norm = norm.map(|norm| norm.channel(c));
                         let rows = image[c * g.h * g.w..][..g.h * g.w].chunks_exact(g.w);
                         for (y, values) in rows.enumerate() {
                             let dst = &mut out[(y + ph) * width + pw..][..g.w];
-                            match &norm {
-                                Some(f) => {
-                                    for (r, &v) in row.iter_mut().zip(values) {
-                                        *r = f(v, 0.0);
-                                    }
-                                    amx::to_bf16(row, dst);
-                                }
-                                None => amx::to_bf16(values, dst),
-                            }
+                            amx::to_bf16(through_norm(values, norm, c, row), dst);
                         }
                     }
                 }
@@ -1261,18 +1252,9 @@ pub(super) mod flex {
                 {
                     for (y, (a, b)) in a.chunks_exact(g.w).zip(b.chunks_exact(g.w)).enumerate() {
                         let out = &mut pairs[((y + ph) * wp + pw) * 2..][..2 * g.w];
-                        let Some(norm) = norm else {
-                            amx::interleave_runs(a, b, out);
-                            continue;
-                        };
-                        let (fa, fb) = (norm.channel(2 * p), norm.channel(2 * p + 1));
-                        for ((o, &v), (q, &u)) in
-                            first.iter_mut().zip(a).zip(second.iter_mut().zip(b))
-                        {
-                            *o = fa(v, 0.0);
-                            *q = fb(u, 0.0);
-                        }
-                        amx::interleave_runs(first, second, out);
+                        let a = through_norm(a, norm, 2 * p, first);
+                        let b = through_norm(b, norm, 2 * p + 1, second);
+                        amx::interleave_runs(a, b, out);
                     }
                 }
                 amx::convolve_pair_planes(
@@ -1285,6 +1267,25 @@ pub(super) mod flex {
                 );
             })
         })
+    }
+
+    /// `values` of channel `ch` through `norm` into `scratch` (as long) when there is one, else
+    /// `values` as they are: a row on its way into a bf16 copy.
+    fn through_norm<'a>(
+        values: &'a [f32],
+        norm: Option<&ChannelNorm>,
+        ch: usize,
+        scratch: &'a mut [f32],
+    ) -> &'a [f32] {
+        let Some(norm) = norm else {
+            return values;
+        };
+        let f = norm.channel(ch);
+        let scratch = &mut scratch[..values.len()];
+        for (o, &v) in scratch.iter_mut().zip(values) {
+            *o = f(v, 0.0);
+        }
+        scratch
     }
 
     /// Whether a convolution reads only every `stride`-th row and column of its input (a 1x1
