@@ -483,8 +483,12 @@ pub fn matmul(dst: &mut [f32], dst_row_stride: usize, a: &PackedA, b: &PackedB, 
     }
     let depth = a.blocks.depth;
     configure_tiles();
+    // A pass's depth steps: the next packed tile of each operand, consecutive.
+    let steps: Vec<[usize; 2]> = (0..DEPTH_BLOCKS_PER_PASS.min(depth))
+        .map(|d| [d * TILE * 2; 2])
+        .collect();
     for first in (0..depth).step_by(DEPTH_BLOCKS_PER_PASS) {
-        let count = DEPTH_BLOCKS_PER_PASS.min(depth - first);
+        let steps = &steps[..DEPTH_BLOCKS_PER_PASS.min(depth - first)];
         let load = accumulate || first > 0;
         // The operand whose block of this depth is larger is read once, the other once per
         // pair of its blocks: from cache.
@@ -510,15 +514,15 @@ pub fn matmul(dst: &mut [f32], dst_row_stride: usize, a: &PackedA, b: &PackedB, 
                 if i0 + 2 * ROWS <= m && j0 + 2 * ROWS <= n {
                     let c = &mut dst[i0 * dst_row_stride + j0..];
                     // SAFETY: the 32 x 32 block lies in `dst` (checked above: its last row
-                    // ends before `m`'s), the operand panels hold `count` tiles from `first`
-                    // on, and the tiles are configured on this thread.
+                    // ends before `m`'s), the operand panels hold a tile per step from
+                    // `first` on, and the tiles are configured on this thread.
                     unsafe {
-                        kernel(
-                            [a0, a1],
-                            [b0, b1],
-                            count,
-                            c.as_mut_ptr(),
-                            dst_row_stride,
+                        gathered_kernel(
+                            [a0.cast(), a1.cast()],
+                            [b0.cast(), b1.cast()],
+                            steps,
+                            [DEPTH * 2; 2],
+                            (c.as_mut_ptr(), dst_row_stride),
                             load,
                         )
                     };
@@ -528,12 +532,12 @@ pub fn matmul(dst: &mut [f32], dst_row_stride: usize, a: &PackedA, b: &PackedB, 
                 let mut block = Block([0.0; 4 * ROWS * ROWS]);
                 // SAFETY: `block` is 32 x 32 with rows of 32; as above for the operands.
                 unsafe {
-                    kernel(
-                        [a0, a1],
-                        [b0, b1],
-                        count,
-                        block.0.as_mut_ptr(),
-                        2 * ROWS,
+                    gathered_kernel(
+                        [a0.cast(), a1.cast()],
+                        [b0.cast(), b1.cast()],
+                        steps,
+                        [DEPTH * 2; 2],
+                        (block.0.as_mut_ptr(), 2 * ROWS),
                         false,
                     )
                 };
@@ -583,52 +587,6 @@ fn configure_tiles() {
         std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
     }
     CONFIGURED.set(true);
-}
-
-/// `C (+)= [A0; A1] x [B0 B1]` for one 32 x 32 output block at `c` (rows `c_row_stride` floats
-/// apart) over `count` depth blocks: tiles 0-3 accumulate, 4-5 hold A, 6-7 hold B.
-///
-/// # Safety
-/// The tiles are configured on this thread; `a`, `b` point to `count` consecutive packed tiles
-/// each; `c` to a 32 x 32 block of floats with rows `c_row_stride` apart.
-#[cfg(target_arch = "x86_64")]
-unsafe fn kernel(
-    [a0, a1]: [*const u16; 2],
-    [b0, b1]: [*const u16; 2],
-    count: usize,
-    c: *mut f32,
-    c_row_stride: usize,
-    load: bool,
-) {
-    use std::arch::asm;
-    // SAFETY: the caller's contract.
-    unsafe {
-        start_accumulators(c, c_row_stride, load);
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a0} + {s}*1]",
-            "tileloadd tmm6, [{b0} + {s}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {s}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {s}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, {t}",
-            "add {a1}, {t}",
-            "add {b0}, {t}",
-            "add {b1}, {t}",
-            "dec {count}",
-            "jnz 2b",
-            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _,
-            b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
-            count = inout(reg) count => _,
-            s = in(reg) DEPTH * 2,
-            t = const TILE * 2,
-            options(nostack, readonly),
-        );
-        store_accumulators(c, c_row_stride);
-    }
 }
 
 /// The first floats of the four 16 x 16 quarters of the 32 x 32 block at `c` (rows
@@ -703,11 +661,6 @@ unsafe fn store_accumulators(c: *mut f32, c_row_stride: usize) {
             options(nostack),
         );
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: [*const u16; 2], _: [*const u16; 2], _: usize, _: *mut f32, _: usize, _: bool) {
-    unreachable!("AMX is x86-64 only and `available` says so")
 }
 
 /// Whether [`convolve_pair_planes`] takes a stride-1 convolution of these sizes: whole
