@@ -367,7 +367,17 @@ pub(super) mod flex {
             // Rows and phases no tap reads (a 1x1 kernel at stride 2 reads a quarter of the
             // input) are left as they are.
             let row_read = |row: usize| kh >= sh || row % sh < kh;
-            let phases_read = kw.min(sw);
+            // Per phase `p` (padded columns `p, p + sw, ...`), the same in every row: how many
+            // of its values are padding before the image, the input column of its first value
+            // from the image, and how many it takes from there.
+            let phase_runs: Vec<[usize; 3]> = (0..kw.min(sw))
+                .map(|p| {
+                    let skip = pw.saturating_sub(p).div_ceil(sw);
+                    let first_input = skip * sw + p - pw;
+                    let count = w.saturating_sub(first_input).div_ceil(sw);
+                    [skip, first_input.min(w), count]
+                })
+                .collect();
             let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
             for (plane, (out, image)) in padded.chunks_exact_mut(hp * pitch).zip(planes).enumerate()
             {
@@ -391,17 +401,12 @@ pub(super) mod flex {
                         }
                         out[pw + w..].fill(0.0);
                     } else {
-                        // Phase `p` holds padded columns `p, p + sw, ...`; input column
-                        // `x - pw` of those that lie in the image.
-                        let phases = out.chunks_exact_mut(phase).take(phases_read);
-                        for (p, values) in phases.enumerate() {
-                            let skip = pw.saturating_sub(p).div_ceil(sw);
-                            let first_input = skip * sw + p - pw;
-                            let count = w.saturating_sub(first_input).div_ceil(sw);
+                        let phases = out.chunks_exact_mut(phase).zip(&phase_runs);
+                        for (values, &[skip, first_input, count]) in phases {
                             values[..skip].fill(0.0);
                             values[skip + count..].fill(0.0);
                             let values = &mut values[skip..skip + count];
-                            let inputs = &input[first_input.min(w)..];
+                            let inputs = &input[first_input..];
                             match (sw, &norm) {
                                 (2, None) => every_second(values, inputs, |v| v),
                                 (2, Some(f)) => every_second(values, inputs, |v| f(v, 0.0)),
@@ -572,17 +577,19 @@ pub(super) mod flex {
         })
     }
 
-    /// `out[k] = f(inputs[2 k])` for every `k` of `out`, by index so that the compiler sees
-    /// the stride.
+    /// `out[k] = f(inputs[2 k])` for every `k` of `out`: whole pairs first, which the compiler
+    /// de-interleaves with vector shuffles (by index it loaded and stored value by value), then
+    /// the last value.
     #[inline(always)]
     fn every_second(out: &mut [f32], inputs: &[f32], f: impl Fn(f32) -> f32) {
-        let Some(last) = (2 * out.len()).checked_sub(1) else {
+        let Some((last, out)) = out.split_last_mut() else {
             return;
         };
-        let inputs = &inputs[..last];
-        for (k, o) in out.iter_mut().enumerate() {
-            *o = f(inputs[2 * k]);
+        let pairs = &inputs.as_chunks::<2>().0[..out.len()];
+        for (o, &[v, _]) in out.iter_mut().zip(pairs) {
+            *o = f(v);
         }
+        *last = f(inputs[2 * out.len()]);
     }
 
     /// Copies `src[r * step..][..width]` to `dst[r * width..][..width]` for every row `r` of
