@@ -175,12 +175,22 @@ pub(super) mod flex {
     /// Largest weight gradient (floats) whose GEMM sums are split over the threads, each into a
     /// partial result of its own (one `[C_out, taps]` per thread): the narrow layers. Larger
     /// ones use gemm's threading, which parallelises them well without the extra memory. In
-    /// the tests the 1x1 kernels take the split and the larger ones gemm's threading.
+    /// the tests the 1x1 and 3x3 kernels from 4 to 6 channels take the split, the larger ones
+    /// gemm's threading.
     #[cfg(not(test))]
     const SPLIT_SUM_MAX_RESULT: usize = 1 << 16;
     #[cfg(test)]
-    const SPLIT_SUM_MAX_RESULT: usize = 100;
+    const SPLIT_SUM_MAX_RESULT: usize = 300;
 
+    /// Floats of im2col per chunk of an f32 weight gradient split over the threads
+    /// (`split_weight_grad`): in L2 with the chunk's `dy` while gemm reads them. Timed per
+    /// convolution at width 0.25 (least of four rounds, ms) against chunks of 8 MB for all
+    /// threads: the stem 1.39 vs 2.18, the strided 3x3 2.35 and 1.99 vs 3.53 and 2.40 (1 MB
+    /// chunks: 1.65, 2.79, 1.92). The tests take one or two samples.
+    #[cfg(not(test))]
+    const SPLIT_CHUNK_FLOATS: usize = 1 << 16;
+    #[cfg(test)]
+    const SPLIT_CHUNK_FLOATS: usize = 1200;
     /// Output positions per GEMM of a forward convolution (rounded down to whole output rows,
     /// or up to whole samples): the tile's im2col (at most 256 x 4608 floats in ResNet-18)
     /// stays in L2 between being written and being read. The tests use a small one, so that
@@ -223,6 +233,21 @@ pub(super) mod flex {
     /// flat weight gradient (`flat_weight_grad`): in L2 while every block of the sum passes
     /// over them.
     const FLAT_CHUNK_BYTES: usize = 1 << 20;
+    /// Bytes of packed `dy` (B) and of packed im2col rows (A) per step of a bf16 weight
+    /// gradient by im2col (`split_weight_grad`): B in L2 while every block of taps passes over
+    /// it. Timed per convolution (`byol bench conv`, least of four rounds, ms, against
+    /// `[taps, C_out]` sums over chunks of 8 MB of f32 im2col split over the threads): 512
+    /// channels 12.9 vs 15.8, 256 channels 10.8 vs 12.7, their strided 3x3 9.8 and 8.9 vs 11.3
+    /// and 10.3; B of 1 MiB and A of 256 KiB 13.7 and 11.2 (deeper chunks: the B panels
+    /// outgrow L1). The tests take a sample and 32 taps at a time.
+    #[cfg(not(test))]
+    const AMX_GRADIENT_B_BYTES: usize = 1 << 18;
+    #[cfg(not(test))]
+    const AMX_GRADIENT_A_BYTES: usize = 1 << 20;
+    #[cfg(test)]
+    const AMX_GRADIENT_B_BYTES: usize = 1;
+    #[cfg(test)]
+    const AMX_GRADIENT_A_BYTES: usize = 1;
     /// Output rows from which a bf16 weight gradient takes flat positions: the padding columns
     /// it sums over as zeros cost 2 / width more products (`byol bench conv`, ms, against the
     /// f32 Winograd or the im2col on AMX it replaced: 32 wide, 64 channels 10.1-10.8 vs
@@ -773,41 +798,90 @@ pub(super) mod flex {
         }
     }
 
-    /// `part.sum += im2col [taps, S * P] x dy^T [S * P, C_out]` over the samples of one chunk
-    /// of `count` (`padded`, and `dys` from the chunk's first sample on, NCHW) that fall to
-    /// each part, on AMX tiles: each part packs its im2col straight from the input and its `dy`
-    /// straight from the output gradient into tile layout (no f32 copies).
-    fn add_parts_on_amx(
+    /// [`weight_grad`] with the sum split over the threads: each sums its samples into a
+    /// `[taps, C_out]` part of its own, a chunk of samples at a time, their im2col made in its
+    /// own buffers and read while in cache.
+    /// - In bf16 on AMX tiles (where the flat weight gradient does not apply): `dy^T` packed as
+    ///   B (at most [`AMX_GRADIENT_B_BYTES`]), which every block of taps reuses from L2, and a
+    ///   block of taps at a time (their im2col rows packed as A straight from the padded
+    ///   input, at most [`AMX_GRADIENT_A_BYTES`]), so that each block of the sum is loaded
+    ///   and stored once per chunk.
+    /// - In f32 for the small results (at most [`SPLIT_SUM_MAX_RESULT`]), where gemm's own
+    ///   threading splits `m x n` only: a chunk's im2col (at most [`SPLIT_CHUNK_FLOATS`]) by
+    ///   gemm on this thread, `dy` read where it lies for a chunk of one sample.
+    fn split_weight_grad(
         g: &Geometry,
-        padded: &[f32],
-        count: usize,
+        xs: &[f32],
         dys: &[f32],
-        parts: &mut [SumPart],
-    ) {
+        norm: Option<&ChannelNorm>,
+        bf16: bool,
+    ) -> Vec<f32> {
         let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
-        let sample_len = padded.len() / count;
-        let total = parts.len();
+        let chunk = if bf16 {
+            AMX_GRADIENT_B_BYTES / (positions * cout * 2)
+        } else {
+            SPLIT_CHUNK_FLOATS / (positions * taps)
+        };
+        let chunk = chunk.clamp(1, g.n);
+        let threads = rayon::current_num_threads().clamp(1, g.n);
+        let mut parts: Vec<SumPart> = (0..threads).map(|_| SumPart::new(taps * cout)).collect();
         parts.par_iter_mut().enumerate().for_each(|(index, part)| {
-            let samples = count * index / total..count * (index + 1) / total;
-            if samples.is_empty() {
-                return;
+            let samples = g.n * index / threads..g.n * (index + 1) / threads;
+            for first in samples.clone().step_by(chunk) {
+                let count = chunk.min(samples.end - first);
+                let depth = count * positions;
+                let padded = g.padded(xs, [first, count], &mut part.padded, false, norm);
+                let dys = &dys[first * cout * positions..][..count * cout * positions];
+                if !bf16 {
+                    let columns = prefix(&mut part.im2col, taps * depth);
+                    for (tap, row) in columns.chunks_exact_mut(depth).enumerate() {
+                        g.fill_tap_row(padded, tap, [0, g.ho], row);
+                    }
+                    // `[C_out, S * P]`: a sample's `dy` as it lies.
+                    let grads = if count == 1 {
+                        dys
+                    } else {
+                        let grads = prefix(&mut part.grads, cout * depth);
+                        for (s, sample) in dys.chunks_exact(cout * positions).enumerate() {
+                            for (co, run) in sample.chunks_exact(positions).enumerate() {
+                                grads[co * depth + s * positions..][..positions]
+                                    .copy_from_slice(run);
+                            }
+                        }
+                        grads
+                    };
+                    gemm_into(
+                        &mut part.sum,
+                        [1, cout],
+                        [cout, taps, depth],
+                        grads,
+                        [depth, 1],
+                        columns,
+                        [1, depth],
+                        true,
+                        gemm::Parallelism::None,
+                    );
+                    continue;
+                }
+                // Column `co`, run `s`: that channel's `dy` in the chunk's sample `s`.
+                let grads = amx::pack_b_cols(&mut part.dy, [depth, cout], positions, |co, s| {
+                    &dys[(s * cout + co) * positions..][..positions]
+                });
+                let block = (AMX_GRADIENT_A_BYTES / (depth * 2) / 32 * 32).max(32);
+                let row = prefix(&mut part.row, depth);
+                for first_tap in (0..taps).step_by(block) {
+                    let block = block.min(taps - first_tap);
+                    let mut packing = amx::PackingA::new(&mut part.columns, [block, depth]);
+                    for tap in 0..block {
+                        g.fill_tap_row(padded, first_tap + tap, [0, g.ho], row);
+                        packing.row(tap, row);
+                    }
+                    let sums = &mut part.sum[first_tap * cout..];
+                    amx::matmul(sums, cout, &packing.finish(), &grads, first > samples.start);
+                }
             }
-            let depth = samples.len() * positions;
-            let inputs = &padded[samples.start * sample_len..samples.end * sample_len];
-            let row = prefix(&mut part.row, depth);
-            let mut packing = amx::PackingA::new(&mut part.columns, [taps, depth]);
-            for tap in 0..taps {
-                g.fill_tap_row(inputs, tap, [0, g.ho], row);
-                packing.row(tap, row);
-            }
-            let columns = packing.finish();
-            // Column `co`, run `s`: that channel's `dy` in the part's sample `s`.
-            let first = samples.start;
-            let grads = amx::pack_b_cols(&mut part.dy, [depth, cout], positions, |co, s| {
-                &dys[((first + s) * cout + co) * positions..][..positions]
-            });
-            amx::matmul(&mut part.sum, cout, &columns, &grads, true);
         });
+        transposed_sum(&parts, [taps, cout])
     }
 
     /// Whether [`weight_grad`] in bf16 takes [`flat_weight_grad`]: stride 1, channels in
@@ -909,6 +983,11 @@ pub(super) mod flex {
     struct SumPart {
         sum: Vec<f32>,
         row: Vec<f32>,
+        padded: Vec<f32>,
+        /// f32: the chunk's im2col and (for several samples) its `dy`.
+        im2col: Vec<f32>,
+        grads: Vec<f32>,
+        /// bf16: packed operands.
         columns: Vec<u16>,
         dy: Vec<u16>,
     }
@@ -918,6 +997,9 @@ pub(super) mod flex {
             SumPart {
                 sum: vec![0.0; len],
                 row: Vec::new(),
+                padded: Vec::new(),
+                im2col: Vec::new(),
+                grads: Vec::new(),
                 columns: Vec::new(),
                 dy: Vec::new(),
             }
@@ -925,19 +1007,40 @@ pub(super) mod flex {
     }
 
     /// The `[C_out, taps]` weight gradient: the parts' `[taps, C_out]` sums added and
-    /// transposed in one pass, output channels in parallel.
+    /// transposed in one pass, output channels in parallel, by 16 x 16 blocks (rows of the
+    /// sums read and rows of the result written as runs of 16).
     fn transposed_sum(parts: &[SumPart], [taps, cout]: [usize; 2]) -> Vec<f32> {
-        /// Output channels per task: the reads of a tap are one run of this many values.
+        /// Output channels per task.
         const CHANNELS: usize = 16;
-        filled_by_runs(cout * taps, CHANNELS * taps, |block, out| {
-            let first = block * CHANNELS;
-            for tap in 0..taps {
-                for (c, out) in out.chunks_exact_mut(taps).enumerate() {
-                    let at = tap * cout + first + c;
-                    out[tap] = parts.iter().map(|part| part.sum[at]).sum();
-                }
-            }
-        })
+        // SAFETY: each run's channels get every tap, 16 taps at a time.
+        unsafe {
+            written_by_runs(cout * taps, CHANNELS * taps, |block, out| {
+                let (first, channels) = (block * CHANNELS, out.len() / taps);
+                wide(
+                    #[inline(always)]
+                    || {
+                        for first_tap in (0..taps).step_by(CHANNELS) {
+                            let count = CHANNELS.min(taps - first_tap);
+                            let mut sums = [[0f32; CHANNELS]; CHANNELS];
+                            for (tap, sums) in sums.iter_mut().enumerate().take(count) {
+                                for part in parts {
+                                    let at = (first_tap + tap) * cout + first;
+                                    let row = &part.sum[at..at + channels];
+                                    for (s, &v) in sums.iter_mut().zip(row) {
+                                        *s += v;
+                                    }
+                                }
+                            }
+                            transpose16(&mut sums);
+                            for (out, sums) in out.chunks_exact_mut(taps).zip(&sums) {
+                                out[first_tap..first_tap + count]
+                                    .copy_from_slice(as_slots(&sums[..count]));
+                            }
+                        }
+                    },
+                )
+            })
+        }
     }
 
     impl GemmConvOps for Flex {
@@ -1633,22 +1736,15 @@ pub(super) mod flex {
             let total = winograd_weight_grad(&g, &xs, &dys, norm);
             return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
         }
+        if bf16 || cout * taps <= SPLIT_SUM_MAX_RESULT {
+            let total = split_weight_grad(&g, &xs, &dys, norm, bf16);
+            return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
+        }
         let per_chunk = g.samples_per_chunk();
-        // Sums split over the threads, each into a `[taps, C_out]` partial result of its own
-        // kept across the chunks: in bf16, and for small results in f32, where gemm's own
-        // threading splits `m x n` only (a few small jobs per depth block, a fork-join each).
-        // The other f32 ones use gemm's threading into one sum. `[taps, C_out]`: with the
-        // result column-major, gemm packs the smaller `dy`, not the im2col (it would transpose
-        // the problem for a row-major result).
-        let split = bf16 || cout * taps <= SPLIT_SUM_MAX_RESULT;
-        let (threads, parallelism) = if split {
-            (rayon::current_num_threads(), gemm::Parallelism::None)
-        } else {
-            (1, gemm::Parallelism::Rayon(0))
-        };
-        let mut parts: Vec<SumPart> = (0..threads.clamp(1, g.n))
-            .map(|_| SumPart::new(taps * cout))
-            .collect();
+        // One sum by gemm's threading. `[taps, C_out]`: with the result column-major, gemm packs
+        // the smaller `dy`, not the im2col (it would transpose the problem for a row-major
+        // result).
+        let mut parts = [SumPart::new(taps * cout)];
         // Per call, not per thread: kept, the chunk-sized buffers would add to the peak memory
         // of the whole step (measured: +130 MiB at width 1, no speed gained).
         let mut padded = Vec::new();
@@ -1656,11 +1752,6 @@ pub(super) mod flex {
             let count = per_chunk.min(g.n - first);
             let width = count * positions;
             let padded = g.padded(&xs, [first, count], &mut padded, true, norm);
-            if bf16 {
-                let dys = &dys[first * cout * positions..];
-                add_parts_on_amx(&g, padded, count, dys, &mut parts);
-                continue;
-            }
             // dy of these samples as [C_out, S * P], and their im2col `[taps, S * P]`: new
             // buffers written once by the threads (a zero-fill first was 5% of the width-0.25
             // step on a Zen 3).
@@ -1680,23 +1771,17 @@ pub(super) mod flex {
                     g.fill_tap_row(as_slots(padded), tap, [0, g.ho], row)
                 })
             };
-            let total = parts.len();
-            parts.par_iter_mut().enumerate().for_each(|(part, sum)| {
-                let (k0, k1) = (width * part / total, width * (part + 1) / total);
-                if k0 < k1 {
-                    gemm_into(
-                        &mut sum.sum,
-                        [1, cout],
-                        [cout, taps, k1 - k0],
-                        &grads[k0..],
-                        [width, 1],
-                        &columns[k0..],
-                        [1, width],
-                        true,
-                        parallelism,
-                    );
-                }
-            });
+            gemm_into(
+                &mut parts[0].sum,
+                [1, cout],
+                [cout, taps, width],
+                &grads,
+                [width, 1],
+                &columns,
+                [1, width],
+                true,
+                gemm::Parallelism::Rayon(0),
+            );
         }
         let total = transposed_sum(&parts, [taps, cout]);
         tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]))
