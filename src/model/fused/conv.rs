@@ -183,7 +183,7 @@ pub(super) mod flex {
     const SPLIT_SUM_MAX_RESULT: usize = 300;
 
     /// Floats of im2col per chunk of an f32 weight gradient split over the threads
-    /// (`split_weight_grad`): in L2 with the chunk's `dy` while gemm reads them. Timed per
+    /// (`add_chunk_by_gemm`): in L2 with the chunk's `dy` while gemm reads them. Timed per
     /// convolution at width 0.25 (least of four rounds, ms) against chunks of 8 MB for all
     /// threads: the stem 1.39 vs 2.18, the strided 3x3 2.35 and 1.99 vs 3.53 and 2.40 (1 MB
     /// chunks: 1.65, 2.79, 1.92). The tests take one or two samples.
@@ -234,7 +234,7 @@ pub(super) mod flex {
     /// over them.
     const FLAT_CHUNK_BYTES: usize = 1 << 20;
     /// Bytes of packed `dy` (B) and of packed im2col rows (A) per step of a bf16 weight
-    /// gradient by im2col (`split_weight_grad`): B in L2 while every block of taps passes over
+    /// gradient by im2col (`add_chunk_on_amx`): B in L2 while every block of taps passes over
     /// it. Timed per convolution (`byol bench conv`, least of four rounds, ms, against
     /// `[taps, C_out]` sums over chunks of 8 MB of f32 im2col split over the threads): 512
     /// channels 12.9 vs 15.8, 256 channels 10.8 vs 12.7, their strided 3x3 9.8 and 8.9 vs 11.3
@@ -800,15 +800,10 @@ pub(super) mod flex {
 
     /// [`weight_grad`] with the sum split over the threads: each sums its samples into a
     /// `[taps, C_out]` part of its own, a chunk of samples at a time, their im2col made in its
-    /// own buffers and read while in cache.
-    /// - In bf16 on AMX tiles (where the flat weight gradient does not apply): `dy^T` packed as
-    ///   B (at most [`AMX_GRADIENT_B_BYTES`]), which every block of taps reuses from L2, and a
-    ///   block of taps at a time (their im2col rows packed as A straight from the padded
-    ///   input, at most [`AMX_GRADIENT_A_BYTES`]), so that each block of the sum is loaded
-    ///   and stored once per chunk.
-    /// - In f32 for the small results (at most [`SPLIT_SUM_MAX_RESULT`]), where gemm's own
-    ///   threading splits `m x n` only: a chunk's im2col (at most [`SPLIT_CHUNK_FLOATS`]) by
-    ///   gemm on this thread, `dy` read where it lies for a chunk of one sample.
+    /// own buffers and read while in cache: in bf16 on AMX tiles ([`add_chunk_on_amx`], where
+    /// the flat weight gradient does not apply), in f32 for the small results (at most
+    /// [`SPLIT_SUM_MAX_RESULT`], where gemm's own threading splits `m x n` only) by gemm on
+    /// the thread ([`add_chunk_by_gemm`]).
     fn split_weight_grad(
         g: &Geometry,
         xs: &[f32],
@@ -829,59 +824,92 @@ pub(super) mod flex {
             let samples = g.n * index / threads..g.n * (index + 1) / threads;
             for first in samples.clone().step_by(chunk) {
                 let count = chunk.min(samples.end - first);
-                let depth = count * positions;
-                let padded = g.padded(xs, [first, count], &mut part.padded, false, norm);
+                // Out of `part` while the chunk is read from it, which leaves `part` free to lend.
+                let mut padded = std::mem::take(&mut part.padded);
+                let inputs = g.padded(xs, [first, count], &mut padded, false, norm);
                 let dys = &dys[first * cout * positions..][..count * cout * positions];
-                if !bf16 {
-                    let columns = prefix(&mut part.im2col, taps * depth);
-                    for (tap, row) in columns.chunks_exact_mut(depth).enumerate() {
-                        g.fill_tap_row(padded, tap, [0, g.ho], row);
-                    }
-                    // `[C_out, S * P]`: a sample's `dy` as it lies.
-                    let grads = if count == 1 {
-                        dys
-                    } else {
-                        let grads = prefix(&mut part.grads, cout * depth);
-                        for (s, sample) in dys.chunks_exact(cout * positions).enumerate() {
-                            for (co, run) in sample.chunks_exact(positions).enumerate() {
-                                grads[co * depth + s * positions..][..positions]
-                                    .copy_from_slice(run);
-                            }
-                        }
-                        grads
-                    };
-                    gemm_into(
-                        &mut part.sum,
-                        [1, cout],
-                        [cout, taps, depth],
-                        grads,
-                        [depth, 1],
-                        columns,
-                        [1, depth],
-                        true,
-                        gemm::Parallelism::None,
-                    );
-                    continue;
+                if bf16 {
+                    add_chunk_on_amx(g, [inputs, dys], count, part, first > samples.start);
+                } else {
+                    add_chunk_by_gemm(g, [inputs, dys], count, part);
                 }
-                // Column `co`, run `s`: that channel's `dy` in the chunk's sample `s`.
-                let grads = amx::pack_b_cols(&mut part.dy, [depth, cout], positions, |co, s| {
-                    &dys[(s * cout + co) * positions..][..positions]
-                });
-                let block = (AMX_GRADIENT_A_BYTES / (depth * 2) / 32 * 32).max(32);
-                let row = prefix(&mut part.row, depth);
-                for first_tap in (0..taps).step_by(block) {
-                    let block = block.min(taps - first_tap);
-                    let mut packing = amx::PackingA::new(&mut part.columns, [block, depth]);
-                    for tap in 0..block {
-                        g.fill_tap_row(padded, first_tap + tap, [0, g.ho], row);
-                        packing.row(tap, row);
-                    }
-                    let sums = &mut part.sum[first_tap * cout..];
-                    amx::matmul(sums, cout, &packing.finish(), &grads, first > samples.start);
-                }
+                part.padded = padded;
             }
         });
         transposed_sum(&parts, [taps, cout])
+    }
+
+    /// `part.sum += im2col [taps, S * P] x dy^T [S * P, C_out]` of a chunk of `count` samples
+    /// (`padded` as [`Geometry::padded`] makes them, `dys` NCHW) by gemm on this thread: the
+    /// chunk's im2col (at most [`SPLIT_CHUNK_FLOATS`]) in `part`'s buffer, `dy` read where it
+    /// lies for a chunk of one sample.
+    fn add_chunk_by_gemm(
+        g: &Geometry,
+        [padded, dys]: [&[f32]; 2],
+        count: usize,
+        part: &mut SumPart,
+    ) {
+        let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
+        let depth = count * positions;
+        let columns = prefix(&mut part.im2col, taps * depth);
+        for (tap, row) in columns.chunks_exact_mut(depth).enumerate() {
+            g.fill_tap_row(padded, tap, [0, g.ho], row);
+        }
+        // `[C_out, S * P]`: a sample's `dy` as it lies.
+        let grads = if count == 1 {
+            dys
+        } else {
+            let grads = prefix(&mut part.grads, cout * depth);
+            for (s, sample) in dys.chunks_exact(cout * positions).enumerate() {
+                for (co, run) in sample.chunks_exact(positions).enumerate() {
+                    grads[co * depth + s * positions..][..positions].copy_from_slice(run);
+                }
+            }
+            grads
+        };
+        gemm_into(
+            &mut part.sum,
+            [1, cout],
+            [cout, taps, depth],
+            grads,
+            [depth, 1],
+            columns,
+            [1, depth],
+            true,
+            gemm::Parallelism::None,
+        );
+    }
+
+    /// [`add_chunk_by_gemm`] on AMX tiles, adding to `part.sum` when `accumulate` (else
+    /// overwriting it): `dy^T` packed as B once (at most [`AMX_GRADIENT_B_BYTES`]), which
+    /// every block of taps then reuses from L2, and the im2col rows of a block of taps at a
+    /// time packed as A straight from the padded input (at most [`AMX_GRADIENT_A_BYTES`]), so
+    /// that each block of the sum is loaded and stored once per chunk.
+    fn add_chunk_on_amx(
+        g: &Geometry,
+        [padded, dys]: [&[f32]; 2],
+        count: usize,
+        part: &mut SumPart,
+        accumulate: bool,
+    ) {
+        let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
+        let depth = count * positions;
+        // Column `co`, run `s`: that channel's `dy` in the chunk's sample `s`.
+        let grads = amx::pack_b_cols(&mut part.dy, [depth, cout], positions, |co, s| {
+            &dys[(s * cout + co) * positions..][..positions]
+        });
+        let block = (AMX_GRADIENT_A_BYTES / (depth * 2) / 32 * 32).max(32);
+        let row = prefix(&mut part.row, depth);
+        for first_tap in (0..taps).step_by(block) {
+            let block = block.min(taps - first_tap);
+            let mut packing = amx::PackingA::new(&mut part.columns, [block, depth]);
+            for tap in 0..block {
+                g.fill_tap_row(padded, first_tap + tap, [0, g.ho], row);
+                packing.row(tap, row);
+            }
+            let sums = &mut part.sum[first_tap * cout..];
+            amx::matmul(sums, cout, &packing.finish(), &grads, accumulate);
+        }
     }
 
     /// Whether [`weight_grad`] in bf16 takes [`flat_weight_grad`]: stride 1, channels in
