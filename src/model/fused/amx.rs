@@ -370,28 +370,19 @@ fn convert(values: &[f32], out: &mut [u16]) {
 /// `second`) for every value of `first` (`out` holds twice as many): two rows made one row of
 /// depth pairs, as a B tile takes them.
 pub fn interleave_runs(first: &[f32], second: &[f32], out: &mut [u16]) {
-    for (block, (out, first)) in out.chunks_mut(2 * ROWS).zip(first.chunks(ROWS)).enumerate() {
-        let at = (block * ROWS).min(second.len());
-        let second = &second[at..(at + ROWS).min(second.len())];
-        let mut pairs = [0u16; 2 * ROWS];
-        interleave(first, second, &mut pairs);
-        out.copy_from_slice(&pairs[..out.len()]);
-    }
-}
-
-/// `out` (32 values) = `first[j], second[j]` for `j` in `0..16` as bf16, zeros past the ends.
-fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
-    assert!(first.len() <= ROWS && second.len() <= ROWS && out.len() == 2 * ROWS);
+    assert_eq!(
+        out.len(),
+        2 * first.len(),
+        "interleaved run is not two rows long"
+    );
     #[cfg(target_arch = "x86_64")]
     if vector_conversions() {
-        // SAFETY: as in `convert`.
-        return unsafe { simd::interleave(first, second, out) };
+        // SAFETY: the CPU has the features (checked); the lengths are asserted above.
+        return unsafe { simd::interleave_runs(first, second, out) };
     }
-    out.fill(0);
-    for (half, values) in [first, second].into_iter().enumerate() {
-        for (j, &v) in values.iter().enumerate() {
-            out[2 * j + half] = bf16(v);
-        }
+    for (j, (out, &v)) in out.chunks_exact_mut(2).zip(first).enumerate() {
+        out[0] = bf16(v);
+        out[1] = second.get(j).map_or(0, |&v| bf16(v));
     }
 }
 
@@ -441,19 +432,30 @@ mod simd {
         }
     }
 
-    /// As `super::interleave`.
+    /// As `super::interleave_runs`, 16 pairs to a vector: the last one's loads and store
+    /// masked to what is left.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn interleave(first: &[f32], second: &[f32], out: &mut [u16]) {
-        assert!(first.len() <= ROWS && second.len() <= ROWS && out.len() == 2 * ROWS);
+    pub(super) unsafe fn interleave_runs(first: &[f32], second: &[f32], out: &mut [u16]) {
+        assert_eq!(out.len(), 2 * first.len());
         // Lane 2j takes value j (from `first`), lane 2j + 1 value 16 + j (from `second`).
         let order: [u16; 32] = std::array::from_fn(|i| (i / 2 + i % 2 * 16) as u16);
-        // SAFETY: 64 bytes read from `order` and stored into `out`.
+        // SAFETY: 64 bytes read from `order`; each store writes the pairs that lie in `out`.
         unsafe {
-            let packed = _mm512_cvtne2ps_pbh(load(second, 0), load(first, 0));
             let order = _mm512_loadu_si512(order.as_ptr().cast());
-            let pairs =
-                _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(packed));
-            _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs);
+            for (block, out) in out.chunks_mut(2 * ROWS).enumerate() {
+                let at = block * ROWS;
+                let packed = _mm512_cvtne2ps_pbh(load(second, at), load(first, at));
+                let pairs = _mm512_permutexvar_epi16(
+                    order,
+                    std::mem::transmute::<__m512bh, __m512i>(packed),
+                );
+                if out.len() == 2 * ROWS {
+                    _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs);
+                } else {
+                    let mask = ((1u64 << out.len()) - 1) as __mmask32;
+                    _mm512_mask_storeu_epi16(out.as_mut_ptr().cast(), mask, pairs);
+                }
+            }
         }
     }
 }
@@ -689,15 +691,22 @@ pub fn to_bf16(values: &[f32], out: &mut [u16]) {
     }
 }
 
-/// One sample of a stride-1 convolution read straight from its input, in bf16 planes of
-/// channel pairs, padded (`[C_in / 2, hp, wp, 2]`), into `out` (`[C_out, ho * wo]`, f32, each
-/// 32 x 32 block of products stored where it lands: rows are output channels). The 16 output
-/// positions of a row segment, under one kernel tap, make a B tile whose rows (16 channel
-/// pairs, a plane apart) are loaded where they lie; `weights` is A, `[C_out, taps * C_in]`
-/// with the depth tap-major (`(i * kw + j) * C_in + c`). Sizes as [`pair_planes_apply`].
+/// One sample of a convolution read straight from its input, in bf16 planes of channel pairs,
+/// padded and split into the `stride x stride` phases of the padded positions (`[C_in / 2,
+/// stride, stride, hq, wq, 2]`: phase `(a, b)` holds padded position `(s y + a, s x + b)` at
+/// `(y, x)` for `s = stride`; one phase, the padded plane, at stride 1), into `out` (`[C_out,
+/// ho * wo]`, f32, each 32 x 32 block of products stored where it lands: rows are output
+/// channels).
+/// Kernel tap `(i, j)` of output position `(y, x)` reads phase `(i % stride, j % stride)` at
+/// `(y + i / stride, x + j / stride)`, so the 16 output positions of a row segment under one
+/// tap make a B tile whose rows (16 channel pairs, `stride^2` phase planes apart) are loaded
+/// where they lie; `weights` is A, `[C_out, taps * C_in]` with the depth tap-major (`(i * kw +
+/// j) * C_in + c`). Sizes as [`pair_planes_apply`].
+#[allow(clippy::too_many_arguments)]
 pub fn convolve_pair_planes(
     input: &[u16],
-    [hp, wp, cin]: [usize; 3],
+    [hq, wq, cin]: [usize; 3],
+    stride: usize,
     [kh, kw]: [usize; 2],
     [ho, wo]: [usize; 2],
     weights: &PackedA,
@@ -712,14 +721,14 @@ pub fn convolve_pair_planes(
         "weights' depth is not taps x C_in"
     );
     assert!(
-        hp >= ho + kh - 1 && wp >= wo + kw - 1,
+        stride > 0 && hq >= ho + (kh - 1) / stride && wq >= wo + (kw - 1) / stride,
         "padded input too small"
     );
-    let plane = hp * wp * 2;
+    let (phase, phases) = (hq * wq * 2, stride * stride);
     assert_eq!(
         input.len(),
-        cin / 2 * plane,
-        "input is not [C_in / 2, hp, wp, 2]"
+        cin / 2 * phases * phase,
+        "input is not [C_in / 2, stride, stride, hq, wq, 2]"
     );
     assert_eq!(out.len(), cout * ho * wo, "output is not [C_out, ho * wo]");
     // Per depth step (a tap and 32 channels): the byte offsets of its A tiles in the packed
@@ -728,14 +737,16 @@ pub fn convolve_pair_planes(
     let steps: Vec<[usize; 2]> = (0..kh * kw * blocks)
         .map(|d| {
             let (tap, block) = (d / blocks, d % blocks);
-            let at = block * ROWS * plane + (tap / kw * wp + tap % kw) * 2;
+            let (i, j) = (tap / kw, tap % kw);
+            let phase_at = (i % stride * stride + j % stride) * phase;
+            let at = block * ROWS * phases * phase + phase_at + (i / stride * wq + j / stride) * 2;
             [d * TILE * 2, at * 2]
         })
         .collect();
     let segment = |q: usize| {
         let (y, x) = (q * ROWS / wo, q * ROWS % wo);
         // SAFETY: in bounds: `(y, x)` is an output position, every offset reads a tap of it.
-        (unsafe { input.as_ptr().add((y * wp + x) * 2) }, y * wo + x)
+        (unsafe { input.as_ptr().add((y * wq + x) * 2) }, y * wo + x)
     };
     configure_tiles();
     let positions = ho * wo;
@@ -753,7 +764,7 @@ pub fn convolve_pair_planes(
                     [a0.cast(), a1.cast()],
                     [b0.cast(), b1.cast()],
                     &steps,
-                    [DEPTH * 2, plane * 2],
+                    [DEPTH * 2, phases * phase * 2],
                     (c.as_mut_ptr(), positions),
                     false,
                 )
@@ -970,30 +981,40 @@ mod tests {
 
     /// The pair-plane convolution against the sums it stands for, on bf16-exact values (so that
     /// only the order of the f32 additions differs): segments paired within a row (32 wide)
-    /// and across rows (16 wide), 3x3 and 1x1 kernels, several output row pairs.
+    /// and across rows (16 wide), 3x3 and 1x1 kernels, several output row pairs; at stride 2
+    /// from the four phase planes of the padded input.
     #[test]
     fn convolves_pair_planes() {
         if !available() {
             eprintln!("no AMX on this CPU: the pair-plane convolution is not exercised here");
             return;
         }
-        for (cin, cout, [ho, wo], k) in [
-            (32, 64, [16usize, 16], 3usize),
-            (64, 32, [3, 32], 3),
-            (32, 96, [2, 16], 1),
+        for (cin, cout, [ho, wo], k, stride) in [
+            (32, 64, [16usize, 16], 3usize, 1usize),
+            (64, 32, [3, 32], 3, 1),
+            (32, 96, [2, 16], 1, 1),
+            (32, 64, [4, 16], 3, 2),
+            (64, 32, [2, 32], 3, 2),
         ] {
-            let pad = k / 2;
-            let (hp, wp) = (ho + 2 * pad, wo + 2 * pad);
+            // The padded input, `stride` phases of `[hq, wq]` each way.
+            let (hq, wq) = (
+                (ho - 1) + (k - 1) / stride + 1,
+                (wo - 1) + (k - 1) / stride + 1,
+            );
+            let (hp, wp) = (stride * hq, stride * wq);
+            assert!(hp >= (ho - 1) * stride + k && wp >= (wo - 1) * stride + k);
             let exact = |v: Vec<f32>| v.into_iter().map(|x| f32_of(bf16(x))).collect::<Vec<_>>();
             // `[C_in, hp, wp]`, padding included (its values are read like any others).
             let input = exact(values(cin * hp * wp, 11));
             let weight = exact(values(cout * cin * k * k, 12));
             let taps = k * k;
-            let plane = hp * wp * 2;
-            let mut pairs = vec![0u16; cin / 2 * plane];
+            let (phase, phases) = (hq * wq * 2, stride * stride);
+            let mut pairs = vec![0u16; cin / 2 * phases * phase];
             for c in 0..cin {
-                for at in 0..hp * wp {
-                    pairs[c / 2 * plane + at * 2 + c % 2] = bf16(input[c * hp * wp + at]);
+                for (py, px) in (0..hp).flat_map(|py| (0..wp).map(move |px| (py, px))) {
+                    let plane = (c / 2 * stride + py % stride) * stride + px % stride;
+                    let at = plane * phase + (py / stride * wq + px / stride) * 2 + c % 2;
+                    pairs[at] = bf16(input[(c * hp + py) * wp + px]);
                 }
             }
             let mut buffer = Vec::new();
@@ -1005,22 +1026,25 @@ mod tests {
                 }
             });
             let mut out = vec![f32::NAN; cout * ho * wo];
-            convolve_pair_planes(&pairs, [hp, wp, cin], [k, k], [ho, wo], &a, &mut out);
+            let sizes = [hq, wq, cin];
+            convolve_pair_planes(&pairs, sizes, stride, [k, k], [ho, wo], &a, &mut out);
             for co in 0..cout {
                 for y in 0..ho {
                     for x in 0..wo {
                         let mut sum = 0f64;
                         for t in 0..taps {
                             let (i, j) = (t / k, t % k);
+                            let (py, px) = (stride * y + i, stride * x + j);
                             for c in 0..cin {
-                                sum += input[(c * hp + y + i) * wp + x + j] as f64
+                                sum += input[(c * hp + py) * wp + px] as f64
                                     * weight[(co * cin + c) * taps + t] as f64;
                             }
                         }
                         let got = out[(co * ho + y) * wo + x] as f64;
                         assert!(
                             (got - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
-                            "{cin} -> {cout}, {ho}x{wo}, k {k}: [{co}, {y}, {x}] {got} vs {sum}"
+                            "{cin} -> {cout}, {ho}x{wo}, k {k}, stride {stride}: [{co}, {y}, \
+                             {x}] {got} vs {sum}"
                         );
                     }
                 }

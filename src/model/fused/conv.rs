@@ -1253,7 +1253,7 @@ pub(super) mod flex {
             let output = winograd_convolve(&g, &xs, &weights, norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
-        if bf16 && g.stride == [1, 1] && amx::pair_planes_apply(g.cin, cout, [g.ho, g.wo]) {
+        if bf16 && takes_pair_planes(&g) {
             let output = pair_planes_convolve(&g, &xs, &weights, norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
@@ -1354,8 +1354,16 @@ pub(super) mod flex {
         tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
     }
 
+    /// Whether [`convolve`] in bf16 takes [`pair_planes_convolve`]: sizes as
+    /// [`amx::pair_planes_apply`] allows, the same stride both ways (stride 2: the 64 -> 128
+    /// 3x3 of a width-1 ResNet-18, its rows of 16; per convolution 10.9-11.7 ms by im2col).
+    fn takes_pair_planes(g: &Geometry) -> bool {
+        g.stride[0] == g.stride[1] && amx::pair_planes_apply(g.cin, g.cout, [g.ho, g.wo])
+    }
+
     /// [`convolve`] in bf16 by [`amx::convolve_pair_planes`], sample by sample: the input
-    /// copied into padded planes of channel pairs in bf16 (through `norm` as it is copied) and
+    /// copied into padded planes of channel pairs in bf16 (through `norm` as it is copied;
+    /// split into the `stride x stride` phases of the padded positions when strided) and
     /// convolved where it lies, with no im2col; the products land in the NCHW output as they
     /// are.
     fn pair_planes_convolve(
@@ -1364,7 +1372,7 @@ pub(super) mod flex {
         weights: &[f32],
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
-        let (cin, cout, window) = (g.cin, g.cout, g.kh * g.kw);
+        let (cin, cout, window, s) = (g.cin, g.cout, g.kh * g.kw, g.stride[0]);
         // A `[C_out, window * C_in]`, the depth tap-major.
         let mut buffer = Vec::new();
         let packed = amx::pack_a_rows(&mut buffer, [cout, window * cin], |co, row| {
@@ -1375,29 +1383,55 @@ pub(super) mod flex {
                 }
             }
         });
-        let ([ph, pw], [hp, wp]) = (g.pad, [g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]]);
-        let (image, outputs, plane) = (cin * g.h * g.w, cout * g.positions(), hp * wp * 2);
-        filled_by_runs(g.n * outputs, outputs, |s, out| {
+        let [ph, pw] = g.pad;
+        // Each phase `[hq, wq]`: every padded position that a tap reads.
+        let [hq, wq] = [(g.h + 2 * ph).div_ceil(s), (g.w + 2 * pw).div_ceil(s)];
+        let (image, outputs, phase) = (cin * g.h * g.w, cout * g.positions(), hq * wq * 2);
+        // Per column phase `b`: the first input column that lands in it, and its column there.
+        let columns: Vec<[usize; 2]> = (0..s)
+            .map(|b| {
+                let first = (b + s - pw % s) % s;
+                [first, (first + pw) / s]
+            })
+            .collect();
+        filled_by_runs(g.n * outputs, outputs, |sample, out| {
             with_scratch(|scratch| {
-                let input = prefix(&mut scratch.pairs, cin / 2 * plane);
+                let input = prefix(&mut scratch.pairs, cin / 2 * s * s * phase);
                 input.fill(0);
-                let rows = prefix(&mut scratch.padded, 2 * g.w);
-                let (first, second) = rows.split_at_mut(g.w);
-                let planes = xs[s * image..][..image].chunks_exact(g.h * g.w);
+                let rows = prefix(&mut scratch.padded, 4 * g.w);
+                let (normed, picked) = rows.split_at_mut(2 * g.w);
+                let (first, second) = normed.split_at_mut(g.w);
+                let planes = xs[sample * image..][..image].chunks_exact(g.h * g.w);
                 let channel_pairs = planes.clone().step_by(2).zip(planes.skip(1).step_by(2));
-                for (p, ((a, b), pairs)) in
-                    channel_pairs.zip(input.chunks_exact_mut(plane)).enumerate()
+                for (p, ((a, b), pairs)) in channel_pairs
+                    .zip(input.chunks_exact_mut(s * s * phase))
+                    .enumerate()
                 {
                     for (y, (a, b)) in a.chunks_exact(g.w).zip(b.chunks_exact(g.w)).enumerate() {
-                        let out = &mut pairs[((y + ph) * wp + pw) * 2..][..2 * g.w];
                         let a = through_norm(a, norm, 2 * p, first);
                         let b = through_norm(b, norm, 2 * p + 1, second);
-                        amx::interleave_runs(a, b, out);
+                        let (qy, row_phase) = ((y + ph) / s, (y + ph) % s);
+                        if s == 1 {
+                            let out = &mut pairs[(qy * wq + pw) * 2..][..2 * g.w];
+                            amx::interleave_runs(a, b, out);
+                            continue;
+                        }
+                        for (b_phase, &[x0, qx]) in columns.iter().enumerate() {
+                            let count = (g.w - x0.min(g.w)).div_ceil(s);
+                            let (ga, gb) = picked.split_at_mut(g.w);
+                            let (ga, gb) = (&mut ga[..count], &mut gb[..count]);
+                            every_nth(ga, &a[x0.min(g.w)..], s);
+                            every_nth(gb, &b[x0.min(g.w)..], s);
+                            let plane = (row_phase * s + b_phase) * phase;
+                            let out = &mut pairs[plane + (qy * wq + qx) * 2..][..2 * count];
+                            amx::interleave_runs(ga, gb, out);
+                        }
                     }
                 }
                 amx::convolve_pair_planes(
                     input,
-                    [hp, wp, cin],
+                    [hq, wq, cin],
+                    s,
                     [g.kh, g.kw],
                     [g.ho, g.wo],
                     &packed,
@@ -1405,6 +1439,17 @@ pub(super) mod flex {
                 );
             })
         })
+    }
+
+    /// `out[k] = values[step * k]` for every `k` of `out`: at a step of 2 by
+    /// [`every_second`], whose pairs the compiler de-interleaves with vector shuffles.
+    fn every_nth(out: &mut [f32], values: &[f32], step: usize) {
+        if step == 2 {
+            return every_second(out, values, |v| v);
+        }
+        for (o, &v) in out.iter_mut().zip(values.iter().step_by(step)) {
+            *o = v;
+        }
     }
 
     /// `values` of channel `ch` through `norm` into `scratch` (as long) when there is one, else
@@ -2079,6 +2124,9 @@ mod tests {
             (32, 64, 3, 1, 16, amx),
             // Rows of 8 (flat positions past each row's end), the rest by im2col.
             (96, 64, 3, 1, 8, amx),
+            // Stride 2 with output rows of 16: the forward from the phase planes of channel
+            // pairs (`pair_planes_convolve`), the gradients by im2col and col2im.
+            (32, 64, 3, 2, 32, amx),
         ] {
             let pad = kernel / 2;
             let conv = test_conv([cin, cout], kernel, stride, pad, &device);
