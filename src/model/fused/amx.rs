@@ -18,7 +18,8 @@
 //! blocks of 32 packs no input at all ([`convolve_pair_planes`]): with the input in planes of
 //! channel pairs, 16 neighbouring positions of 16 channel pairs under one kernel tap are a B
 //! tile as they lie in memory, rows a plane apart; its weight gradient likewise
-//! ([`add_weight_gradient`]).
+//! ([`add_weight_gradient`]). At a stride the planes are split into the phases of the padded
+//! positions, in which a tap's 16 positions are neighbours again (the forward only).
 
 /// Rows of a tile, and columns of an output tile.
 const ROWS: usize = 16;
