@@ -668,11 +668,15 @@ pub(super) mod flex {
     fn statistics(xs: &[f32], (n, c, s): (usize, usize, usize)) -> [Vec<f32>; 2] {
         let count = (n * s) as f64;
         let shift = |ch: usize| xs[ch * s];
-        let sums = per_channel((n, c, s), |ch, at| {
-            let k = shift(ch);
-            let run = &xs[at..at + s];
-            [sum_of(run, |v| v - k), sum_of(run, |v| (v - k) * (v - k))]
-        });
+        let sums = per_channel(
+            (n, c, s),
+            #[inline(always)]
+            |ch, at| {
+                let k = shift(ch);
+                let run = &xs[at..at + s];
+                [sum_of(run, |v| v - k), sum_of(run, |v| (v - k) * (v - k))]
+            },
+        );
         sums.into_iter()
             .enumerate()
             .map(|(ch, [sum, squares])| {
