@@ -339,6 +339,20 @@ pub(super) mod flex {
             [self.h + 2 * self.pad[0], sw * phase, phase]
         }
 
+        /// Per column phase `p` of a padded row (padded columns `p, p + stride, ...`), the same
+        /// in every row: `[skip, first, count]`, its `skip` values of padding before the
+        /// image, then `count` input columns `first, first + stride, ...`.
+        fn column_phases(&self) -> Vec<[usize; 3]> {
+            let ([_, pw], [_, sw], w) = (self.pad, self.stride, self.w);
+            (0..sw)
+                .map(|p| {
+                    let skip = pw.saturating_sub(p).div_ceil(sw);
+                    let first = skip * sw + p - pw;
+                    [skip, first.min(w), w.saturating_sub(first).div_ceil(sw)]
+                })
+                .collect()
+        }
+
         /// Samples `first..first + count` padded and phase-split ([`Self::padded_plane`]), so
         /// that im2col copies plain runs without bounds checks, and normalised by `norm` when
         /// given: a slice of `xs` when there is nothing to do, else a copy in `buffer` (samples
@@ -392,17 +406,8 @@ pub(super) mod flex {
             // Rows and phases no tap reads (a 1x1 kernel at stride 2 reads a quarter of the
             // input) are left as they are.
             let row_read = |row: usize| kh >= sh || row % sh < kh;
-            // Per phase `p` (padded columns `p, p + sw, ...`), the same in every row: how many
-            // of its values are padding before the image, the input column of its first value
-            // from the image, and how many it takes from there.
-            let phase_runs: Vec<[usize; 3]> = (0..kw.min(sw))
-                .map(|p| {
-                    let skip = pw.saturating_sub(p).div_ceil(sw);
-                    let first_input = skip * sw + p - pw;
-                    let count = w.saturating_sub(first_input).div_ceil(sw);
-                    [skip, first_input.min(w), count]
-                })
-                .collect();
+            let phase_runs = self.column_phases();
+            let phase_runs = &phase_runs[..kw.min(sw)];
             let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
             for (plane, (out, image)) in padded.chunks_exact_mut(hp * pitch).zip(planes).enumerate()
             {
@@ -426,21 +431,15 @@ pub(super) mod flex {
                         }
                         out[pw + w..].fill(0.0);
                     } else {
-                        let phases = out.chunks_exact_mut(phase).zip(&phase_runs);
+                        let phases = out.chunks_exact_mut(phase).zip(phase_runs);
                         for (values, &[skip, first_input, count]) in phases {
                             values[..skip].fill(0.0);
                             values[skip + count..].fill(0.0);
                             let values = &mut values[skip..skip + count];
                             let inputs = &input[first_input..];
-                            match (sw, &norm) {
-                                (2, None) => every_second(values, inputs, |v| v),
-                                (2, Some(f)) => every_second(values, inputs, |v| f(v, 0.0)),
-                                _ => {
-                                    let inputs = inputs.iter().step_by(sw);
-                                    for (o, &v) in values.iter_mut().zip(inputs) {
-                                        *o = norm.as_ref().map_or(v, |f| f(v, 0.0));
-                                    }
-                                }
+                            match &norm {
+                                None => every_nth(values, inputs, sw, |v| v),
+                                Some(f) => every_nth(values, inputs, sw, |v| f(v, 0.0)),
                             }
                         }
                     }
@@ -600,6 +599,18 @@ pub(super) mod flex {
                 }
             }
         })
+    }
+
+    /// `out[k] = f(values[step * k])` for every `k` of `out`: at a step of 2 by
+    /// [`every_second`].
+    #[inline(always)]
+    fn every_nth(out: &mut [f32], values: &[f32], step: usize, f: impl Fn(f32) -> f32) {
+        if step == 2 {
+            return every_second(out, values, f);
+        }
+        for (o, &v) in out.iter_mut().zip(values.iter().step_by(step)) {
+            *o = f(v);
+        }
     }
 
     /// `out[k] = f(inputs[2 k])` for every `k` of `out`: whole pairs first, which the compiler
@@ -1387,13 +1398,7 @@ pub(super) mod flex {
         // Each phase `[hq, wq]`: every padded position that a tap reads.
         let [hq, wq] = [(g.h + 2 * ph).div_ceil(s), (g.w + 2 * pw).div_ceil(s)];
         let (image, outputs, phase) = (cin * g.h * g.w, cout * g.positions(), hq * wq * 2);
-        // Per column phase `b`: the first input column that lands in it, and its column there.
-        let columns: Vec<[usize; 2]> = (0..s)
-            .map(|b| {
-                let first = (b + s - pw % s) % s;
-                [first, (first + pw) / s]
-            })
-            .collect();
+        let columns = g.column_phases();
         filled_by_runs(g.n * outputs, outputs, |sample, out| {
             with_scratch(|scratch| {
                 let input = prefix(&mut scratch.pairs, cin / 2 * s * s * phase);
@@ -1416,12 +1421,11 @@ pub(super) mod flex {
                             amx::interleave_runs(a, b, out);
                             continue;
                         }
-                        for (b_phase, &[x0, qx]) in columns.iter().enumerate() {
-                            let count = (g.w - x0.min(g.w)).div_ceil(s);
+                        for (b_phase, &[qx, x0, count]) in columns.iter().enumerate() {
                             let (ga, gb) = picked.split_at_mut(g.w);
                             let (ga, gb) = (&mut ga[..count], &mut gb[..count]);
-                            every_nth(ga, &a[x0.min(g.w)..], s);
-                            every_nth(gb, &b[x0.min(g.w)..], s);
+                            every_nth(ga, &a[x0..], s, |v| v);
+                            every_nth(gb, &b[x0..], s, |v| v);
                             let plane = (row_phase * s + b_phase) * phase;
                             let out = &mut pairs[plane + (qy * wq + qx) * 2..][..2 * count];
                             amx::interleave_runs(ga, gb, out);
@@ -1439,17 +1443,6 @@ pub(super) mod flex {
                 );
             })
         })
-    }
-
-    /// `out[k] = values[step * k]` for every `k` of `out`: at a step of 2 by
-    /// [`every_second`], whose pairs the compiler de-interleaves with vector shuffles.
-    fn every_nth(out: &mut [f32], values: &[f32], step: usize) {
-        if step == 2 {
-            return every_second(out, values, |v| v);
-        }
-        for (o, &v) in out.iter_mut().zip(values.iter().step_by(step)) {
-            *o = v;
-        }
     }
 
     /// `values` of channel `ch` through `norm` into `scratch` (as long) when there is one, else
