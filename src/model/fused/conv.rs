@@ -828,23 +828,37 @@ pub(super) mod flex {
         } else {
             SPLIT_CHUNK_FLOATS / (positions * taps)
         };
-        let chunk = chunk.clamp(1, g.n);
+        summed_by_threads(g, chunk, |part, [first, count], accumulate| {
+            // Out of `part` while the chunk is read from it, which leaves `part` free to lend.
+            let mut padded = std::mem::take(&mut part.padded);
+            let inputs = g.padded(xs, [first, count], &mut padded, false, norm);
+            let dys = &dys[first * cout * positions..][..count * cout * positions];
+            if bf16 {
+                add_chunk_on_amx(g, [inputs, dys], count, part, accumulate);
+            } else {
+                add_chunk_by_gemm(g, [inputs, dys], count, part);
+            }
+            part.padded = padded;
+        })
+    }
+
+    /// A `[C_out, taps]` weight gradient summed over the threads: each adds its own samples,
+    /// `chunk` at a time, into a `[taps, C_out]` part of its own that keeps its buffers
+    /// across the chunks (`add(part, [first, count], accumulate)`, `accumulate` false on its
+    /// first chunk, when the part is still zero); the parts are then added and transposed.
+    fn summed_by_threads(
+        g: &Geometry,
+        chunk: usize,
+        add: impl Fn(&mut SumPart, [usize; 2], bool) + Sync,
+    ) -> Vec<f32> {
+        let (taps, cout, chunk) = (g.taps(), g.cout, chunk.clamp(1, g.n));
         let threads = rayon::current_num_threads().clamp(1, g.n);
         let mut parts: Vec<SumPart> = (0..threads).map(|_| SumPart::new(taps * cout)).collect();
         parts.par_iter_mut().enumerate().for_each(|(index, part)| {
             let samples = g.n * index / threads..g.n * (index + 1) / threads;
             for first in samples.clone().step_by(chunk) {
                 let count = chunk.min(samples.end - first);
-                // Out of `part` while the chunk is read from it, which leaves `part` free to lend.
-                let mut padded = std::mem::take(&mut part.padded);
-                let inputs = g.padded(xs, [first, count], &mut padded, false, norm);
-                let dys = &dys[first * cout * positions..][..count * cout * positions];
-                if bf16 {
-                    add_chunk_on_amx(g, [inputs, dys], count, part, first > samples.start);
-                } else {
-                    add_chunk_by_gemm(g, [inputs, dys], count, part);
-                }
-                part.padded = padded;
+                add(part, [first, count], first > samples.start);
             }
         });
         transposed_sum(&parts, [taps, cout])
@@ -946,21 +960,17 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
         const LANES: usize = 16;
-        let (cin, cout, window, positions) = (g.cin, g.cout, g.kh * g.kw, g.positions());
+        let (cin, cout, positions) = (g.cin, g.cout, g.positions());
         let [ph, pw] = g.pad;
         let width = g.w + 2 * pw;
         let flat = (g.ho * width).next_multiple_of(2 * LANES);
         let plane = (flat + (g.kh - 1) * width + g.kw - 1).next_multiple_of(2 * LANES);
         let per_sample = (cin * plane + flat * cout) * 2;
-        let chunk = (FLAT_CHUNK_BYTES / per_sample).clamp(1, g.n);
-        let threads = rayon::current_num_threads().clamp(1, g.n);
-        let mut parts: Vec<SumPart> = (0..threads)
-            .map(|_| SumPart::new(cin * window * cout))
-            .collect();
-        parts.par_iter_mut().enumerate().for_each(|(index, part)| {
-            let samples = g.n * index / threads..g.n * (index + 1) / threads;
-            for first in samples.clone().step_by(chunk) {
-                let count = chunk.min(samples.end - first);
+        // The flat sums only add (the parts start at zero).
+        summed_by_threads(
+            g,
+            FLAT_CHUNK_BYTES / per_sample,
+            |part, [first, count], _| {
                 let inputs = prefix(&mut part.columns, count * cin * plane);
                 let grads = prefix(&mut part.dy, count * flat * cout);
                 let row = prefix(&mut part.row, g.w);
@@ -1012,9 +1022,8 @@ pub(super) mod flex {
                     samples: count,
                 };
                 amx::add_weight_gradient(&operands, [cin, cout], [g.kh, g.kw], &mut part.sum);
-            }
-        });
-        transposed_sum(&parts, [cin * window, cout])
+            },
+        )
     }
 
     /// One thread's share of a weight gradient split over the threads: its `[taps, C_out]`
