@@ -359,11 +359,7 @@ pub(super) mod flex {
     ) -> [f32; 2] {
         #[cfg(target_arch = "x86_64")]
         if super::super::level() == super::super::Level::Avx512 {
-            let mask = match relu {
-                Relu::None => avx512::Mask::None,
-                Relu::Output(ys) => avx512::Mask::Output(&ys[at..][..dy.len()]),
-                Relu::Input(norm) => avx512::Mask::Input(norm.affine(ch)),
-            };
+            let mask = avx512::Mask::of(relu, [ch, at], dy.len());
             // SAFETY: the CPU has AVX-512F (checked).
             return unsafe { avx512::gradient_sums(xs, dy, mask, mean) };
         }
@@ -408,6 +404,7 @@ pub(super) mod flex {
 
     #[cfg(target_arch = "x86_64")]
     mod avx512 {
+        use super::Relu;
         use std::arch::x86_64::*;
 
         /// Where the gradient passes: everywhere, where a kept output is positive (or NaN), or
@@ -416,6 +413,17 @@ pub(super) mod flex {
             None,
             Output(&'a [f32]),
             Input([f32; 3]),
+        }
+
+        impl<'a> Mask<'a> {
+            /// `relu`'s mask for run `at..at + len` of channel `ch`.
+            pub(super) fn of(relu: &Relu<'a>, [ch, at]: [usize; 2], len: usize) -> Self {
+                match relu {
+                    Relu::None => Mask::None,
+                    Relu::Output(ys) => Mask::Output(&ys[at..][..len]),
+                    Relu::Input(norm) => Mask::Input(norm.affine(ch)),
+                }
+            }
         }
 
         /// As `super::gradient_sums`, 16 lanes at a time (the last chunk's loads masked to
@@ -808,11 +816,7 @@ pub(super) mod flex {
                         .collect();
                     let scalar = scalar_gradient_sums(&xs, &dy, &relu, [0, 0], 0.1);
                     let vector = gradient_sums(&xs, &dy, &relu, [0, 0], 0.1);
-                    let mask = match &relu {
-                        Relu::None => avx512::Mask::None,
-                        Relu::Output(ys) => avx512::Mask::Output(ys),
-                        Relu::Input(norm) => avx512::Mask::Input(norm.affine(0)),
-                    };
+                    let mask = avx512::Mask::of(&relu, [0, 0], len);
                     // SAFETY: the CPU has AVX-512F (checked above).
                     let direct = unsafe { avx512::gradient_sums(&xs, &dy, mask, 0.1) };
                     assert_eq!(vector, direct);
