@@ -10,6 +10,25 @@ pub mod resnet;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 
+/// Held through a step's forward and backward passes, while the weights stay as they are: on
+/// flex, what the convolutions derive from each weight (its bf16 packing, its flipped kernel)
+/// is then made once for all of its calls ([`fused::weight_cache`]). Drop it before the
+/// optimizer step.
+#[must_use = "the weights count as fixed only while it lives"]
+pub struct WeightsFixed {
+    #[cfg(feature = "flex")]
+    _scope: fused::weight_cache::WeightCacheScope,
+}
+
+impl WeightsFixed {
+    pub fn start() -> Self {
+        WeightsFixed {
+            #[cfg(feature = "flex")]
+            _scope: fused::weight_cache::WeightCacheScope::start(),
+        }
+    }
+}
+
 /// Folds pending BatchNorm running-statistic updates into the stored values.
 ///
 /// burn's `RunningState` keeps each forward's update pending until the next forward reads it,

@@ -104,6 +104,35 @@ pub struct PackedA<'a> {
     k: usize,
 }
 
+/// A left operand packed into a buffer of its own, as the weight cache keeps it.
+pub struct OwnedA {
+    tiles: Vec<u16>,
+    m: usize,
+    k: usize,
+}
+
+impl OwnedA {
+    /// The operand that `pack` packs into a fresh buffer.
+    pub fn packed(pack: impl for<'a> FnOnce(&'a mut Vec<u16>) -> PackedA<'a>) -> Self {
+        let mut tiles = Vec::new();
+        let (m, k, len) = {
+            let a = pack(&mut tiles);
+            (a.m, a.k, a.tiles.len())
+        };
+        tiles.truncate(len);
+        OwnedA { tiles, m, k }
+    }
+
+    pub fn view(&self) -> PackedA<'_> {
+        PackedA {
+            tiles: &self.tiles,
+            blocks: Blocks::new(self.m, self.k),
+            m: self.m,
+            k: self.k,
+        }
+    }
+}
+
 /// The right operand of [`matmul`], `k x n`, packed.
 pub struct PackedB<'a> {
     tiles: &'a [u16],

@@ -153,8 +153,8 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 pub(super) mod flex {
     use super::super::batch_norm::flex::ChannelNorm;
     use super::super::{
-        amx, as_slots, contiguous_f32, filled_by_runs, tensor, transpose16, wide, winograd,
-        written_by_runs,
+        amx, as_slots, contiguous_f32, filled_by_runs, tensor, transpose16, weight_cache, wide,
+        winograd, written_by_runs,
     };
     use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::Flex;
@@ -1142,9 +1142,19 @@ pub(super) mod flex {
                 return spread(&contiguous_f32(&sub), &g);
             }
             if input_grad_is_a_convolution(&options, kernel) {
+                // Kept in bf16, where its packing is kept with it; in f32 the copy would add
+                // the size of the weights to the peak memory for a cheap flip.
+                let flipped = if bf16 {
+                    let kept = weight_cache::derived(&weight, "flipped kernel", || {
+                        flipped_kernel(&weight)
+                    });
+                    FloatTensor::<Flex>::clone(&kept)
+                } else {
+                    flipped_kernel(&weight)
+                };
                 return convolve(
                     output_grad,
-                    flipped_kernel(&weight),
+                    flipped,
                     ConvOptions::new(
                         [1, 1],
                         [0, 1].map(|d| kernel[d] - 1 - options.padding_begin()[d]),
@@ -1164,13 +1174,17 @@ pub(super) mod flex {
                     *value = weights[co * taps + tap];
                 }
             };
-            let mut packed_weights = Vec::new();
-            let (packed_weights, transposed) = if bf16 {
-                let packed = amx::pack_a_rows(&mut packed_weights, [taps, cout], transposed_row);
+            let (kept_weights, transposed) = if bf16 {
+                let packed = weight_cache::derived(&weight, "transposed A", || {
+                    amx::OwnedA::packed(|buffer| {
+                        amx::pack_a_rows(buffer, [taps, cout], transposed_row)
+                    })
+                });
                 (Some(packed), Vec::new())
             } else {
                 (None, filled_by_runs(taps * cout, cout, transposed_row))
             };
+            let packed_weights = kept_weights.as_deref().map(amx::OwnedA::view);
             let [hp, pitch, phase] = g.padded_plane();
             let image = g.cin * g.h * g.w;
             let grad = filled_by_runs(g.n * image, image, |s, grad| {
@@ -1274,11 +1288,18 @@ pub(super) mod flex {
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
         if bf16 && takes_pair_planes(&g) {
-            let output = pair_planes_convolve(&g, &xs, &weights, norm);
+            let packed = weight_cache::derived(&weight, "tap-major A", || {
+                amx::OwnedA::packed(|buffer| pack_tap_major_weights(&g, &weights, buffer))
+            });
+            let output = pair_planes_convolve(&g, &xs, &packed.view(), norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
-        let mut packed_weights = Vec::new();
-        let packed_weights = bf16.then(|| pack_pair_weights(&g, &weights, &mut packed_weights));
+        let kept_weights = bf16.then(|| {
+            weight_cache::derived(&weight, "pair-major A", || {
+                amx::OwnedA::packed(|buffer| pack_pair_weights(&g, &weights, buffer))
+            })
+        });
+        let packed_weights = kept_weights.as_deref().map(amx::OwnedA::view);
         // Small images go several to a GEMM, so that its rows fill a tile.
         let tile_positions = if bf16 {
             BF16_TILE_POSITIONS
@@ -1389,20 +1410,10 @@ pub(super) mod flex {
     fn pair_planes_convolve(
         g: &Geometry,
         xs: &[f32],
-        weights: &[f32],
+        packed: &amx::PackedA,
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
-        let (cin, cout, window, s) = (g.cin, g.cout, g.kh * g.kw, g.stride[0]);
-        // A `[C_out, window * C_in]`, the depth tap-major.
-        let mut buffer = Vec::new();
-        let packed = amx::pack_a_rows(&mut buffer, [cout, window * cin], |co, row| {
-            let kernels = &weights[co * cin * window..][..cin * window];
-            for (c, kernel) in kernels.chunks_exact(window).enumerate() {
-                for (tap, &v) in kernel.iter().enumerate() {
-                    row[tap * cin + c] = v;
-                }
-            }
-        });
+        let (cin, cout, s) = (g.cin, g.cout, g.stride[0]);
         let [ph, pw] = g.pad;
         // Each phase `[hq, wq]`: every padded position that a tap reads.
         let [hq, wq] = [(g.h + 2 * ph).div_ceil(s), (g.w + 2 * pw).div_ceil(s)];
@@ -1447,10 +1458,28 @@ pub(super) mod flex {
                     s,
                     [g.kh, g.kw],
                     [g.ho, g.wo],
-                    &packed,
+                    packed,
                     out,
                 );
             })
+        })
+    }
+
+    /// The weights `[C_out, C_in, kh, kw]` packed for AMX as `[C_out, taps * C_in]`, the depth
+    /// tap-major (`(i * kw + j) * C_in + c`): the A of [`pair_planes_convolve`].
+    fn pack_tap_major_weights<'a>(
+        g: &Geometry,
+        weights: &[f32],
+        buffer: &'a mut Vec<u16>,
+    ) -> amx::PackedA<'a> {
+        let (cin, window) = (g.cin, g.kh * g.kw);
+        amx::pack_a_rows(buffer, [g.cout, window * cin], |co, row| {
+            let kernels = &weights[co * cin * window..][..cin * window];
+            for (c, kernel) in kernels.chunks_exact(window).enumerate() {
+                for (tap, &v) in kernel.iter().enumerate() {
+                    row[tap * cin + c] = v;
+                }
+            }
         })
     }
 
@@ -2162,6 +2191,17 @@ mod tests {
                 .map(|t| t.into_data().iter::<f32>().collect::<Vec<_>>())
             };
             let (low, exact) = (run(true), run(false));
+            {
+                // With the weights' packings and flipped kernels kept: the same, made once
+                // and then reused.
+                let _kept = super::super::weight_cache::WeightCacheScope::start();
+                assert_eq!(
+                    run(true),
+                    low,
+                    "{cin} -> {cout} stride {stride}, first kept"
+                );
+                assert_eq!(run(true), low, "{cin} -> {cout} stride {stride}, reused");
+            }
             for ((what, low, exact), in_f32) in [
                 ("output", &low[0], &exact[0]),
                 ("weight gradient", &low[2], &exact[2]),
