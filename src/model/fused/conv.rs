@@ -393,6 +393,27 @@ pub(super) mod flex {
             padded: &mut [f32],
             norm: Option<&ChannelNorm>,
         ) {
+            let (h, w) = (self.h, self.w);
+            let [hp, pitch, _] = self.padded_plane();
+            let phase_runs = self.column_phases();
+            let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
+            for (plane, (out, image)) in padded.chunks_exact_mut(hp * pitch).zip(planes).enumerate()
+            {
+                let norm = norm.map(|norm| norm.channel(plane % self.cin));
+                self.pad_plane(image, norm, &phase_runs, out);
+            }
+        }
+
+        /// One input plane (`[H, W]`) into `out` as [`Self::pad_samples`] lays each out, each
+        /// value through `norm` when given; `phase_runs` are [`Self::column_phases`].
+        #[inline(always)]
+        fn pad_plane(
+            &self,
+            image: &[f32],
+            norm: Option<impl Fn(f32, f32) -> f32>,
+            phase_runs: &[[usize; 3]],
+            out: &mut [f32],
+        ) {
             let Geometry {
                 h,
                 w,
@@ -402,45 +423,39 @@ pub(super) mod flex {
                 stride: [sh, sw],
                 ..
             } = *self;
-            let [hp, pitch, phase] = self.padded_plane();
+            let [_, pitch, phase] = self.padded_plane();
             // Rows and phases no tap reads (a 1x1 kernel at stride 2 reads a quarter of the
             // input) are left as they are.
             let row_read = |row: usize| kh >= sh || row % sh < kh;
-            let phase_runs = self.column_phases();
             let phase_runs = &phase_runs[..kw.min(sw)];
-            let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
-            for (plane, (out, image)) in padded.chunks_exact_mut(hp * pitch).zip(planes).enumerate()
-            {
-                let norm = norm.map(|norm| norm.channel(plane % self.cin));
-                out[..ph * pitch].fill(0.0);
-                out[(ph + h) * pitch..].fill(0.0);
-                let rows = out[ph * pitch..(ph + h) * pitch].chunks_exact_mut(pitch);
-                for (y, (out, input)) in rows.zip(image.chunks_exact(w)).enumerate() {
-                    if !row_read(ph + y) {
-                        continue;
-                    }
-                    if sw == 1 {
-                        out[..pw].fill(0.0);
-                        match &norm {
-                            None => out[pw..pw + w].copy_from_slice(input),
-                            Some(f) => {
-                                for (o, &v) in out[pw..pw + w].iter_mut().zip(input) {
-                                    *o = f(v, 0.0);
-                                }
+            out[..ph * pitch].fill(0.0);
+            out[(ph + h) * pitch..].fill(0.0);
+            let rows = out[ph * pitch..(ph + h) * pitch].chunks_exact_mut(pitch);
+            for (y, (out, input)) in rows.zip(image.chunks_exact(w)).enumerate() {
+                if !row_read(ph + y) {
+                    continue;
+                }
+                if sw == 1 {
+                    out[..pw].fill(0.0);
+                    match &norm {
+                        None => out[pw..pw + w].copy_from_slice(input),
+                        Some(f) => {
+                            for (o, &v) in out[pw..pw + w].iter_mut().zip(input) {
+                                *o = f(v, 0.0);
                             }
                         }
-                        out[pw + w..].fill(0.0);
-                    } else {
-                        let phases = out.chunks_exact_mut(phase).zip(phase_runs);
-                        for (values, &[skip, first_input, count]) in phases {
-                            values[..skip].fill(0.0);
-                            values[skip + count..].fill(0.0);
-                            let values = &mut values[skip..skip + count];
-                            let inputs = &input[first_input..];
-                            match &norm {
-                                None => every_nth(values, inputs, sw, |v| v),
-                                Some(f) => every_nth(values, inputs, sw, |v| f(v, 0.0)),
-                            }
+                    }
+                    out[pw + w..].fill(0.0);
+                } else {
+                    let phases = out.chunks_exact_mut(phase).zip(phase_runs);
+                    for (values, &[skip, first_input, count]) in phases {
+                        values[..skip].fill(0.0);
+                        values[skip + count..].fill(0.0);
+                        let values = &mut values[skip..skip + count];
+                        let inputs = &input[first_input..];
+                        match &norm {
+                            None => every_nth(values, inputs, sw, |v| v),
+                            Some(f) => every_nth(values, inputs, sw, |v| f(v, 0.0)),
                         }
                     }
                 }
@@ -509,7 +524,7 @@ pub(super) mod flex {
         }
 
         /// As [`Self::fill_tap_row`] for plane `plane` of `planes` per sample, kernel offset
-        /// `(i, j)`, in padded planes of `lanes` values per position (2: [`Self::pair_planes`]).
+        /// `(i, j)`, in padded planes of `lanes` values per position (2: [`Self::padded_pairs`]).
         fn fill_offset_row<T: Copy>(
             &self,
             padded: &[T],
@@ -555,25 +570,52 @@ pub(super) mod flex {
             }
         }
 
-        /// `count` padded samples (as [`Self::padded`] gives them) in bf16 with their channels
-        /// interleaved in pairs, `[samples, ceil(C_in / 2), rows, pitch, 2]` (the second of an
-        /// odd last pair zero): the two taps of a channel pair at one kernel offset are then
-        /// one run of value pairs, the layout of a row of an AMX B tile.
-        fn pair_planes<'a>(
+        /// Samples `first..first + count` padded and phase-split as [`Self::padded`] lays them
+        /// out, in bf16 with their channels interleaved in pairs, `[count, ceil(C_in / 2), rows,
+        /// pitch, 2]` (the second of an odd last pair zero), each value through `norm` when
+        /// given: the two taps of a channel pair at one kernel offset are then one run of
+        /// value pairs, the layout of a row of an AMX B tile. Each pair's two padded planes go
+        /// through `planes` (f32 scratch, in L1) on the way, not the whole samples through
+        /// memory.
+        fn padded_pairs<'a>(
             &self,
-            padded: &[f32],
-            count: usize,
+            xs: &[f32],
+            [first, count]: [usize; 2],
+            norm: Option<&ChannelNorm>,
             buffer: &'a mut Vec<u16>,
+            planes: &mut Vec<f32>,
         ) -> &'a [u16] {
             let [hp, pitch, _] = self.padded_plane();
             let (plane, pairs) = (hp * pitch, self.cin.div_ceil(2));
+            let (channel, image) = (self.h * self.w, self.cin * self.h * self.w);
+            let as_is = norm.is_none() && self.pad == [0, 0] && self.stride[1] == 1;
+            let phase_runs = self.column_phases();
             let out = prefix(buffer, count * pairs * plane * 2);
-            let samples = out.chunks_exact_mut(pairs * plane * 2);
-            for (out, sample) in samples.zip(padded.chunks_exact(self.cin * plane)) {
-                let mut channels = sample.chunks_exact(plane);
-                for out in out.chunks_exact_mut(plane * 2) {
-                    let first = channels.next().expect("one channel per pair at least");
-                    amx::interleave_runs(first, channels.next().unwrap_or(&[]), out);
+            let (first_plane, second_plane) = prefix(planes, 2 * plane).split_at_mut(plane);
+            let samples = xs[first * image..][..count * image].chunks_exact(image);
+            for (out, sample) in out.chunks_exact_mut(pairs * plane * 2).zip(samples) {
+                let values = |c: usize| &sample[c * channel..][..channel];
+                let pad = |c: usize, scratch: &mut [f32]| {
+                    let norm = norm.map(|norm| norm.channel(c));
+                    self.pad_plane(values(c), norm, &phase_runs, scratch);
+                };
+                for (p, out) in out.chunks_exact_mut(plane * 2).enumerate() {
+                    let (a, b) = (2 * p, 2 * p + 1);
+                    let first: &[f32] = if as_is {
+                        values(a)
+                    } else {
+                        pad(a, first_plane);
+                        first_plane
+                    };
+                    let second: &[f32] = if b == self.cin {
+                        &[]
+                    } else if as_is {
+                        values(b)
+                    } else {
+                        pad(b, second_plane);
+                        second_plane
+                    };
+                    amx::interleave_runs(first, second, out);
                 }
             }
             out
@@ -581,7 +623,7 @@ pub(super) mod flex {
     }
 
     /// The weights `[C_out, C_in, kh, kw]` packed for AMX with their taps in the channel-pair
-    /// order of [`Geometry::pair_planes`]: depth `2 * ((c / 2) * kh * kw + offset) + c % 2`
+    /// order of [`Geometry::padded_pairs`]: depth `2 * ((c / 2) * kh * kw + offset) + c % 2`
     /// holds channel `c` at kernel offset `offset` (zero for the missing channel of an odd
     /// `C_in`).
     fn pack_pair_weights<'a>(
@@ -1324,11 +1366,11 @@ pub(super) mod flex {
                         packed,
                         ..
                     } = scratch;
-                    let padded = g.padded(&xs, [index * group, count], padded, false, norm);
-                    let pairs = if bf16 {
-                        g.pair_planes(padded, count, pairs)
+                    let samples = [index * group, count];
+                    let (padded, pairs) = if bf16 {
+                        (&[][..], g.padded_pairs(&xs, samples, norm, pairs, padded))
                     } else {
-                        &[]
+                        (g.padded(&xs, samples, padded, false, norm), &[][..])
                     };
                     for first_row in (0..g.ho).step_by(tile_rows) {
                         let tile_rows = tile_rows.min(g.ho - first_row);
