@@ -10,7 +10,7 @@ use crate::data::augment::AugmentConfig;
 use crate::data::folder::Dataset;
 use crate::data::loader::{epoch_order, two_view_batch};
 use crate::io::peak_rss_mib;
-use crate::model::WeightsFixed;
+use crate::model::StepCaches;
 use crate::optim::loss_scale::{self, LossScale};
 use crate::threads::SpinningWorkers;
 use burn::module::Module;
@@ -117,10 +117,10 @@ pub fn bench_train(
         // As `byol train` holds it for each step.
         let _spinning = SpinningWorkers::start();
         let current = byol.take().expect("model present");
-        let weights_fixed = WeightsFixed::start();
+        let step_caches = StepCaches::start();
         let output = current.forward(views[0].clone(), views[1].clone());
         let (grads, finite) = loss_scale::backward(output.loss, &current.online, scale.as_ref());
-        drop(weights_fixed);
+        drop(step_caches);
         let next = if loss_scale::take_step(scale.as_mut(), finite) {
             crate::model::byol::Byol {
                 online: optimizer.step(lr, current.online, grads),

@@ -11,7 +11,7 @@ use crate::eval::embed;
 use crate::eval::knn::{KnnAccuracy, knn_accuracy};
 use crate::io::{peak_rss_mib, write_atomic};
 use crate::loss::l2_normalize;
-use crate::model::WeightsFixed;
+use crate::model::StepCaches;
 use crate::model::byol::Byol;
 use crate::model::precision::autocast;
 use crate::optim::loss_scale::{self, LossScale};
@@ -313,7 +313,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             } = batch;
             // Each weight packed once for its forward and backward passes: held up to the
             // optimizer step, which then writes the weights in place.
-            let weights_fixed = WeightsFixed::start();
+            let step_caches = StepCaches::start();
             let output = {
                 let _autocast = autocast(config.train.precision);
                 byol.forward(
@@ -333,7 +333,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             let share = output.loss.div_scalar(accumulate as f64);
             let (grads, finite) =
                 loss_scale::backward(share, &byol.online, state.loss_scale.as_ref());
-            drop(weights_fixed);
+            drop(step_caches);
             overflowed |= !finite;
             state.loss_sum += loss;
             state.projection_std_sum += projection_std(output.online_projection);

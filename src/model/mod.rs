@@ -12,19 +12,19 @@ use burn::tensor::Tensor;
 
 /// Held through a step's forward and backward passes, while the weights stay as they are: on
 /// flex, what the convolutions derive from each weight (its bf16 packing, its flipped kernel)
-/// is then made once for all of its calls ([`fused::weight_cache`]). Drop it before the
+/// is then made once for all of its calls ([`fused::step_cache`]). Drop it before the
 /// optimizer step.
 #[must_use = "the weights count as fixed only while it lives"]
-pub struct WeightsFixed {
+pub struct StepCaches {
     #[cfg(feature = "flex")]
-    _scope: fused::weight_cache::WeightCacheScope,
+    _scope: fused::step_cache::StepCacheScope,
 }
 
-impl WeightsFixed {
+impl StepCaches {
     pub fn start() -> Self {
-        WeightsFixed {
+        StepCaches {
             #[cfg(feature = "flex")]
-            _scope: fused::weight_cache::WeightCacheScope::start(),
+            _scope: fused::step_cache::StepCacheScope::start(),
         }
     }
 }

@@ -197,7 +197,7 @@ pub(super) fn takes_fused_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
 }
 
 pub(super) mod flex {
-    use super::super::{contiguous_f32, tensor, wide, written_by_runs};
+    use super::super::{contiguous_f32, step_cache, tensor, wide, written_by_runs};
     use super::FusedBatchNormOps;
     use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
@@ -641,22 +641,28 @@ pub(super) mod flex {
     ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
         let shape = shape_of(&x);
         let xs = contiguous_f32(&x);
-        let (norm, mean, variance) = batch_norm_of(&xs, &shape, [&gamma, &beta], epsilon, relu);
+        let (norm, mean, variance) = batch_norm_of(&x, &xs, [&gamma, &beta], epsilon, relu);
         let residual = residual.as_ref().map(contiguous_f32);
         let out = norm.apply(&xs, dims(&shape), residual.as_deref());
         (tensor(out, shape), mean, variance)
     }
 
-    /// The norm that the batch statistics of `xs` (NCHW, of `shape`) make with `gamma` and
-    /// `beta`, and those statistics (mean, biased variance) as the fused ops return them.
+    /// The norm that the batch statistics of `x` (NCHW; `xs` its values) make with `gamma` and
+    /// `beta`, and those statistics (mean, biased variance) as the fused ops return them: from
+    /// the sums the convolution that made `x` kept ([`step_cache::take_sums`]), else from a
+    /// pass over `xs`.
     pub(in crate::model::fused) fn batch_norm_of(
+        x: &FloatTensor<Flex>,
         xs: &[f32],
-        shape: &Shape,
         [gamma, beta]: [&FloatTensor<Flex>; 2],
         epsilon: f64,
         relu: bool,
     ) -> (ChannelNorm, FloatTensor<Flex>, FloatTensor<Flex>) {
-        let [mean, variance] = statistics(xs, dims(shape));
+        let (n, c, s) = dims(x.layout().shape());
+        let [mean, variance] = match step_cache::take_sums(x) {
+            Some(sums) if sums.len() == n * c => statistics_of_sums(&sums, (n, c, s)),
+            _ => statistics(xs, (n, c, s)),
+        };
         let (gamma, beta) = (contiguous_f32(gamma), contiguous_f32(beta));
         let norm = ChannelNorm::new([&mean, &variance], [&gamma, &beta], epsilon, relu);
         let c = mean.len();
@@ -668,29 +674,60 @@ pub(super) mod flex {
     }
 
     /// Per channel, the mean and biased variance of an NCHW buffer of `(n, c, s)`, in one pass:
-    /// the sums of `v - k` and of its square about `k`, the channel's first value, a value
-    /// near the mean. About the mean itself (a second pass) the variance would cancel nothing;
-    /// about zero, `E[x^2] - E[x]^2` would cancel most of its digits where the mean is large
-    /// against the spread. About `k` it loses `(mean - k)^2 / variance` times the rounding of
-    /// the sums, a few units in the last place of f32 for a first value a few deviations off.
+    /// the [`sample_sums`] of each sample, combined by [`statistics_of_sums`].
     fn statistics(xs: &[f32], (n, c, s): (usize, usize, usize)) -> [Vec<f32>; 2] {
-        let count = (n * s) as f64;
-        let shift = |ch: usize| xs[ch * s];
-        let sums = per_channel(
-            (n, c, s),
+        let mut sums = vec![[0f32; 3]; n * c];
+        sums.par_chunks_mut(c)
+            .zip(xs.par_chunks_exact(c * s))
+            .for_each(|(sums, sample)| sample_sums(sample, s, sums));
+        statistics_of_sums(&sums, (n, c, s))
+    }
+
+    /// Per channel of one sample (`[C, spatial]`, `C` = `out.len()`), the sums of its values
+    /// `v` about the first, `k`: `[k, sum(v - k), sum((v - k)^2)]`, in f32 over one run in
+    /// cache. About the mean itself (a second pass) the variance would cancel nothing; about
+    /// zero, `E[x^2] - E[x]^2` would cancel most of its digits where the mean is large against
+    /// the spread. About `k`, a value near the mean, it loses `(mean - k)^2 / variance` times
+    /// the rounding of the sums, a few units in the last place for a `k` a few deviations off.
+    pub(in crate::model::fused) fn sample_sums(
+        sample: &[f32],
+        spatial: usize,
+        out: &mut [[f32; 3]],
+    ) {
+        wide(
             #[inline(always)]
-            |ch, at| {
-                let k = shift(ch);
-                let run = &xs[at..at + s];
-                [sum_of(run, |v| v - k), sum_of(run, |v| (v - k) * (v - k))]
+            || {
+                for (sums, run) in out.iter_mut().zip(sample.chunks_exact(spatial)) {
+                    let k = run[0];
+                    *sums = [
+                        k,
+                        sum_of(run, |v| v - k),
+                        sum_of(run, |v| (v - k) * (v - k)),
+                    ];
+                }
             },
         );
-        sums.into_iter()
-            .enumerate()
-            .map(|(ch, [sum, squares])| {
+    }
+
+    /// Per channel, the mean and biased variance from the [`sample_sums`] of each sample
+    /// (`[n, c]`, runs of `s` values): each sample's sums moved from its own first value to
+    /// the first sample's, and added in f64, in sample order (the same whichever pass made
+    /// them).
+    fn statistics_of_sums(sums: &[[f32; 3]], (n, c, s): (usize, usize, usize)) -> [Vec<f32>; 2] {
+        let (count, run) = ((n * s) as f64, s as f64);
+        (0..c)
+            .map(|ch| {
+                let k = f64::from(sums[ch][0]);
+                let (mut sum, mut squares) = (0f64, 0f64);
+                for sample in sums.chunks_exact(c) {
+                    let [k_b, sum_b, squares_b] = sample[ch].map(f64::from);
+                    let d = k_b - k;
+                    sum += sum_b + run * d;
+                    squares += squares_b + 2.0 * d * sum_b + run * d * d;
+                }
                 let offset = sum / count;
                 let variance = (squares / count - offset * offset).max(0.0);
-                ((f64::from(shift(ch)) + offset) as f32, variance as f32)
+                ((k + offset) as f32, variance as f32)
             })
             .unzip::<_, _, Vec<f32>, Vec<f32>>()
             .into()

@@ -151,9 +151,9 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 }
 
 pub(super) mod flex {
-    use super::super::batch_norm::flex::ChannelNorm;
+    use super::super::batch_norm::flex::{ChannelNorm, sample_sums};
     use super::super::{
-        amx, as_slots, contiguous_f32, filled_by_runs, tensor, transpose16, weight_cache, wide,
+        amx, as_slots, contiguous_f32, filled_by_runs, step_cache, tensor, transpose16, wide,
         winograd, written_by_runs,
     };
     use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
@@ -1187,9 +1187,8 @@ pub(super) mod flex {
                 // Kept in bf16, where its packing is kept with it; in f32 the copy would add
                 // the size of the weights to the peak memory for a cheap flip.
                 let flipped = if bf16 {
-                    let kept = weight_cache::derived(&weight, "flipped kernel", || {
-                        flipped_kernel(&weight)
-                    });
+                    let kept =
+                        step_cache::derived(&weight, "flipped kernel", || flipped_kernel(&weight));
                     FloatTensor::<Flex>::clone(&kept)
                 } else {
                     flipped_kernel(&weight)
@@ -1217,7 +1216,7 @@ pub(super) mod flex {
                 }
             };
             let (kept_weights, transposed) = if bf16 {
-                let packed = weight_cache::derived(&weight, "transposed A", || {
+                let packed = step_cache::derived(&weight, "transposed A", || {
                     amx::OwnedA::packed(|buffer| {
                         amx::pack_a_rows(buffer, [taps, cout], transposed_row)
                     })
@@ -1330,14 +1329,15 @@ pub(super) mod flex {
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
         }
         if bf16 && takes_pair_planes(&g) {
-            let packed = weight_cache::derived(&weight, "tap-major A", || {
+            let packed = step_cache::derived(&weight, "tap-major A", || {
                 amx::OwnedA::packed(|buffer| pack_tap_major_weights(&g, &weights, buffer))
             });
-            let output = pair_planes_convolve(&g, &xs, &packed.view(), norm);
-            return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
+            let sums = OutputSums::new(&g);
+            let output = pair_planes_convolve(&g, &xs, &packed.view(), norm, &sums);
+            return sums.kept_for(tensor(output, Shape::new([g.n, cout, g.ho, g.wo])));
         }
         let kept_weights = bf16.then(|| {
-            weight_cache::derived(&weight, "pair-major A", || {
+            step_cache::derived(&weight, "pair-major A", || {
                 amx::OwnedA::packed(|buffer| pack_pair_weights(&g, &weights, buffer))
             })
         });
@@ -1351,6 +1351,7 @@ pub(super) mod flex {
         let group = (tile_positions / positions).clamp(1, g.n);
         // Tiles of whole output rows.
         let tile_rows = (tile_positions / g.wo).clamp(1, g.ho);
+        let sums = OutputSums::new(&g);
         let output = filled_by_runs(
             g.n * cout * positions,
             group * cout * positions,
@@ -1431,10 +1432,11 @@ pub(super) mod flex {
                             }
                         }
                     }
-                })
+                });
+                sums.add(index * group, block);
             },
         );
-        tensor(output, Shape::new([g.n, cout, g.ho, g.wo]))
+        sums.kept_for(tensor(output, Shape::new([g.n, cout, g.ho, g.wo])))
     }
 
     /// Whether [`convolve`] in bf16 takes [`pair_planes_convolve`]: sizes as
@@ -1454,6 +1456,7 @@ pub(super) mod flex {
         xs: &[f32],
         packed: &amx::PackedA,
         norm: Option<&ChannelNorm>,
+        sums: &OutputSums,
     ) -> Vec<f32> {
         let (cin, cout, s) = (g.cin, g.cout, g.stride[0]);
         let [ph, pw] = g.pad;
@@ -1503,8 +1506,54 @@ pub(super) mod flex {
                     packed,
                     out,
                 );
+                sums.add(sample, out);
             })
         })
+    }
+
+    /// The [`sample_sums`] of a convolution's output, `[N, C_out, positions]`, taken from each
+    /// sample where it is written, while it is in cache, for the BatchNorm that reads the
+    /// output next ([`step_cache::remember_sums`]; only while a step's caches are kept).
+    struct OutputSums {
+        sums: Option<std::sync::Mutex<Vec<[f32; 3]>>>,
+        cout: usize,
+        positions: usize,
+    }
+
+    impl OutputSums {
+        fn new(g: &Geometry) -> Self {
+            let sums = step_cache::in_scope().then(|| vec![[0f32; 3]; g.n * g.cout].into());
+            OutputSums {
+                sums,
+                cout: g.cout,
+                positions: g.positions(),
+            }
+        }
+
+        /// Takes the sums of `outputs`, whole samples from sample `first` on.
+        fn add(&self, first: usize, outputs: &[f32]) {
+            let Some(all) = &self.sums else {
+                return;
+            };
+            let mut sums = vec![[0f32; 3]; outputs.len() / self.positions];
+            let samples = outputs.chunks_exact(self.cout * self.positions);
+            for (sums, sample) in sums.chunks_exact_mut(self.cout).zip(samples) {
+                sample_sums(sample, self.positions, sums);
+            }
+            let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
+            all[first * self.cout..][..sums.len()].copy_from_slice(&sums);
+        }
+
+        /// `output`, its sums kept for its norm.
+        fn kept_for(self, output: FloatTensor<Flex>) -> FloatTensor<Flex> {
+            if let Some(sums) = self.sums {
+                step_cache::remember_sums(
+                    &output,
+                    sums.into_inner().unwrap_or_else(|e| e.into_inner()),
+                );
+            }
+            output
+        }
     }
 
     /// The weights `[C_out, C_in, kh, kw]` packed for AMX as `[C_out, taps * C_in]`, the depth
@@ -2081,6 +2130,69 @@ mod tests {
     use burn::module::Module;
     use burn::tensor::{Device, Distribution};
 
+    /// Under a step's caches, a convolution keeps the per-sample sums of its output for the
+    /// norm that reads it (the bf16 pair-plane and im2col paths, and the f32 im2col one), and
+    /// they are the sums of the output it returns; the norm takes them once. Without the
+    /// caches nothing is kept.
+    #[test]
+    fn a_convolution_keeps_its_output_sums_for_the_next_norm() {
+        use super::super::batch_norm::flex::sample_sums;
+        use super::super::step_cache::{StepCacheScope, take_sums};
+        use burn::tensor::Shape;
+        let mut state = 3u64;
+        let mut values = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let amx = super::super::amx::available();
+        // (C_in, C_out, image size, stride, bf16); outputs of one position go several samples
+        // to a GEMM.
+        for (cin, cout, size, stride, bf16) in [
+            (32, 64, 16, 1, true),
+            (32, 64, 8, 1, true),
+            (32, 64, 2, 2, true),
+            (6, 10, 9, 2, false),
+            (6, 10, 2, 2, false),
+        ] {
+            if bf16 && !amx {
+                continue;
+            }
+            // More samples than a GEMM takes (7 in the tests).
+            let n = 9;
+            let x = super::super::tensor(
+                values(n * cin * size * size),
+                Shape::new([n, cin, size, size]),
+            );
+            let weight =
+                super::super::tensor(values(cout * cin * 9), Shape::new([cout, cin, 3, 3]));
+            let options = ConvOptions::new([stride; 2], [1, 1], [1, 1], 1);
+            let convolve =
+                || flex::convolve(x.clone(), weight.clone(), options.clone(), bf16, None);
+            assert!(take_sums(&convolve()).is_none(), "kept without a scope");
+            let _scope = StepCacheScope::start();
+            let output = convolve();
+            let sums = take_sums(&output).expect("sums kept under a scope");
+            assert!(take_sums(&output).is_none(), "taken twice");
+            let shape = output.layout().shape().clone();
+            let positions = shape[2] * shape[3];
+            let out = super::super::contiguous_f32(&output);
+            let mut expected = vec![[0f32; 3]; n * cout];
+            for (sums, sample) in expected
+                .chunks_exact_mut(cout)
+                .zip(out.chunks_exact(cout * positions))
+            {
+                sample_sums(sample, positions, sums);
+            }
+            assert_eq!(sums, expected, "{cin} -> {cout} at {size}, bf16 {bf16}");
+        }
+    }
+
     /// Output and gradients (input and weight) against burn's own `Conv2d`, for the stride-1
     /// case that takes the convolution path and a strided one that keeps burn's backward.
     #[test]
@@ -2236,7 +2348,7 @@ mod tests {
             {
                 // With the weights' packings and flipped kernels kept: the same, made once
                 // and then reused.
-                let _kept = super::super::weight_cache::WeightCacheScope::start();
+                let _kept = super::super::step_cache::StepCacheScope::start();
                 assert_eq!(
                     run(true),
                     low,

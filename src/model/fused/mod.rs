@@ -12,7 +12,7 @@ pub mod amx;
 pub mod batch_norm;
 pub mod conv;
 pub mod norm_conv;
-pub mod weight_cache;
+pub mod step_cache;
 mod winograd;
 
 use std::sync::atomic::{AtomicBool, Ordering};

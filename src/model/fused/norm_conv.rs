@@ -157,7 +157,7 @@ impl NormReluConvOps for burn::backend::Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (norm, mean, variance) = {
             let xs = contiguous_f32(&x);
-            bn_flex::batch_norm_of(&xs, x.layout().shape(), [&gamma, &beta], epsilon, true)
+            bn_flex::batch_norm_of(&x, &xs, [&gamma, &beta], epsilon, true)
         };
         let output = conv_flex::convolve(x, weight, options, bf16, Some(&norm));
         (output, mean, variance)
