@@ -2139,17 +2139,7 @@ mod tests {
         use super::super::batch_norm::flex::sample_sums;
         use super::super::step_cache::{StepCacheScope, take_sums};
         use burn::tensor::Shape;
-        let mut state = 3u64;
-        let mut values = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let values = |len: usize| super::super::test_values(len, 3);
         let amx = super::super::amx::available();
         // (C_in, C_out, image size, stride, bf16); outputs of one position go several samples
         // to a GEMM.

@@ -312,6 +312,20 @@ fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> burn_flex::FlexTensor
     )
 }
 
+/// Values in [-1, 1) from a fixed linear congruential sequence, for the tests.
+#[cfg(test)]
+fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

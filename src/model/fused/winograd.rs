@@ -1151,18 +1151,7 @@ pub(super) fn weight_gradient_from_points(sums: &[f32], [cout, cin]: [usize; 2])
 mod tests {
     use super::*;
 
-    /// Values in [-1, 1) from a fixed linear congruential sequence.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     /// The 3x3, stride-1, padding-1 cross-correlation as its definition, in f64.
     fn direct(x: &[f32], [n, cin, h, w]: [usize; 4], weights: &[f32], cout: usize) -> Vec<f32> {
