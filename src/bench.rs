@@ -117,6 +117,7 @@ pub fn bench_train(
         // As `byol train` holds it for each step.
         let _spinning = SpinningWorkers::start();
         let current = byol.take().expect("model present");
+        // As `byol train` holds them, up to the optimizer step.
         let step_caches = StepCaches::start();
         let output = current.forward(views[0].clone(), views[1].clone());
         let (grads, finite) = loss_scale::backward(output.loss, &current.online, scale.as_ref());

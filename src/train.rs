@@ -311,8 +311,9 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                 batch_size: n,
                 size,
             } = batch;
-            // Each weight packed once for its forward and backward passes: held up to the
-            // optimizer step, which then writes the weights in place.
+            // Each weight packed once for the forward and backward passes, and BatchNorm
+            // statistics from the convolutions' sums: held up to the optimizer step, which
+            // then writes the weights in place.
             let step_caches = StepCaches::start();
             let output = {
                 let _autocast = autocast(config.train.precision);

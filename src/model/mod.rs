@@ -12,9 +12,9 @@ use burn::tensor::Tensor;
 
 /// Held through a step's forward and backward passes, while the weights stay as they are: on
 /// flex, what the convolutions derive from each weight (its bf16 packing, its flipped kernel)
-/// is then made once for all of its calls ([`fused::step_cache`]). Drop it before the
-/// optimizer step.
-#[must_use = "the weights count as fixed only while it lives"]
+/// is then made once for all of its calls, and each BatchNorm takes its statistics from sums
+/// the convolution before it took ([`fused::step_cache`]). Drop it before the optimizer step.
+#[must_use = "the caches are kept only while it lives"]
 pub struct StepCaches {
     #[cfg(feature = "flex")]
     _scope: fused::step_cache::StepCacheScope,
