@@ -646,7 +646,7 @@ pub(super) mod flex {
     /// `out[k] = f(values[step * k])` for every `k` of `out`: at a step of 2 by
     /// [`every_second`].
     #[inline(always)]
-    fn every_nth(out: &mut [f32], values: &[f32], step: usize, f: impl Fn(f32) -> f32) {
+    fn every_nth<T>(out: &mut [T], values: &[f32], step: usize, f: impl Fn(f32) -> T) {
         if step == 2 {
             return every_second(out, values, f);
         }
@@ -659,7 +659,7 @@ pub(super) mod flex {
     /// de-interleaves with vector shuffles (by index it loaded and stored value by value), then
     /// the last value.
     #[inline(always)]
-    fn every_second(out: &mut [f32], inputs: &[f32], f: impl Fn(f32) -> f32) {
+    fn every_second<T>(out: &mut [T], inputs: &[f32], f: impl Fn(f32) -> T) {
         let Some((last, out)) = out.split_last_mut() else {
             return;
         };
@@ -1617,10 +1617,7 @@ pub(super) mod flex {
             written_by_runs(g.n * g.cin * sub, sub, |p, slots| {
                 let image = &xs[p * plane..][..plane];
                 for (y, row) in slots.chunks_exact_mut(g.wo).enumerate() {
-                    let input = &image[y * sh * g.w..];
-                    for (x, slot) in row.iter_mut().enumerate() {
-                        slot.write(input[x * sw]);
-                    }
+                    every_nth(row, &image[y * sh * g.w..], sw, std::mem::MaybeUninit::new);
                 }
             })
         };
