@@ -633,11 +633,30 @@ pub(super) mod flex {
     ) -> amx::PackedA<'a> {
         let window = g.kh * g.kw;
         let depth = 2 * g.cin.div_ceil(2) * window;
+        pack_weights(
+            g,
+            weights,
+            depth,
+            |c, offset| 2 * (c / 2 * window + offset) + c % 2,
+            buffer,
+        )
+    }
+
+    /// The weights `[C_out, C_in, kh, kw]` packed for AMX as A, `[C_out, depth]`: channel `c`
+    /// at kernel offset `offset` at depth `at(c, offset)`, zero where no weight lands.
+    fn pack_weights<'a>(
+        g: &Geometry,
+        weights: &[f32],
+        depth: usize,
+        at: impl Fn(usize, usize) -> usize + Sync,
+        buffer: &'a mut Vec<u16>,
+    ) -> amx::PackedA<'a> {
+        let window = g.kh * g.kw;
         amx::pack_a_rows(buffer, [g.cout, depth], |co, row| {
             let kernel = &weights[co * g.cin * window..][..g.cin * window];
             for (c, plane) in kernel.chunks_exact(window).enumerate() {
                 for (offset, &v) in plane.iter().enumerate() {
-                    row[2 * (c / 2 * window + offset) + c % 2] = v;
+                    row[at(c, offset)] = v;
                 }
             }
         })
@@ -1563,15 +1582,14 @@ pub(super) mod flex {
         weights: &[f32],
         buffer: &'a mut Vec<u16>,
     ) -> amx::PackedA<'a> {
-        let (cin, window) = (g.cin, g.kh * g.kw);
-        amx::pack_a_rows(buffer, [g.cout, window * cin], |co, row| {
-            let kernels = &weights[co * cin * window..][..cin * window];
-            for (c, kernel) in kernels.chunks_exact(window).enumerate() {
-                for (tap, &v) in kernel.iter().enumerate() {
-                    row[tap * cin + c] = v;
-                }
-            }
-        })
+        let cin = g.cin;
+        pack_weights(
+            g,
+            weights,
+            g.kh * g.kw * cin,
+            |c, tap| tap * cin + c,
+            buffer,
+        )
     }
 
     /// `values` of channel `ch` through `norm` into `scratch` (as long) when there is one, else
