@@ -29,10 +29,31 @@ thread_local! {
     static SUMS: RefCell<Vec<Sums>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A tensor's storage, held (so that its address stays its own), and its layout: what an
+/// entry is kept for.
+struct Key {
+    source: std::sync::Arc<dyn Any + Send + Sync>,
+    layout: burn_flex::Layout,
+}
+
+impl Key {
+    fn of(tensor: &FlexTensor) -> Self {
+        Key {
+            source: tensor.data_arc(),
+            layout: tensor.layout().clone(),
+        }
+    }
+
+    /// Whether `tensor` is this key's storage in this key's layout.
+    fn names(&self, tensor: &FlexTensor) -> bool {
+        let source: std::sync::Arc<dyn Any + Send + Sync> = tensor.data_arc();
+        std::sync::Arc::ptr_eq(&self.source, &source) && &self.layout == tensor.layout()
+    }
+}
+
 /// Per-sample sums of a convolution's output, for the norm that reads it next.
 struct Sums {
-    output: std::sync::Arc<dyn Any + Send + Sync>,
-    layout: burn_flex::Layout,
+    output: Key,
     sums: Vec<[f32; 3]>,
 }
 
@@ -41,9 +62,7 @@ struct Sums {
 const MAX_SUMS: usize = 4;
 
 struct Entry {
-    /// The weight's storage, held: its address keys the entry and stays its own.
-    source: std::sync::Arc<dyn Any + Send + Sync>,
-    layout: burn_flex::Layout,
+    weight: Key,
     kind: &'static str,
     value: Rc<dyn Any>,
 }
@@ -84,14 +103,10 @@ pub(super) fn derived<T: Any>(
     if SCOPES.get() == 0 {
         return Rc::new(make());
     }
-    let source: std::sync::Arc<dyn Any + Send + Sync> = weight.data_arc();
     let found = CACHE.with_borrow(|cache| {
-        cache.iter().find_map(|e| {
-            (std::sync::Arc::ptr_eq(&e.source, &source)
-                && e.kind == kind
-                && &e.layout == weight.layout())
-            .then(|| e.value.clone())
-        })
+        cache
+            .iter()
+            .find_map(|e| (e.kind == kind && e.weight.names(weight)).then(|| e.value.clone()))
     });
     if let Some(value) = found {
         return value.downcast().expect("one type per kind");
@@ -101,8 +116,7 @@ pub(super) fn derived<T: Any>(
     let value = Rc::new(make());
     CACHE.with_borrow_mut(|cache| {
         cache.push(Entry {
-            source,
-            layout: weight.layout().clone(),
+            weight: Key::of(weight),
             kind,
             value: value.clone(),
         })
@@ -121,8 +135,7 @@ pub(super) fn remember_sums(output: &FlexTensor, sums: Vec<[f32; 3]>) {
             kept.remove(0);
         }
         kept.push(Sums {
-            output: output.data_arc(),
-            layout: output.layout().clone(),
+            output: Key::of(output),
             sums,
         });
     });
@@ -130,11 +143,8 @@ pub(super) fn remember_sums(output: &FlexTensor, sums: Vec<[f32; 3]>) {
 
 /// The sums kept for `input` by [`remember_sums`], taken out of the cache.
 pub(super) fn take_sums(input: &FlexTensor) -> Option<Vec<[f32; 3]>> {
-    let source: std::sync::Arc<dyn Any + Send + Sync> = input.data_arc();
     SUMS.with_borrow_mut(|kept| {
-        let at = kept.iter().position(|k| {
-            std::sync::Arc::ptr_eq(&k.output, &source) && &k.layout == input.layout()
-        })?;
+        let at = kept.iter().position(|k| k.output.names(input))?;
         Some(kept.remove(at).sums)
     })
 }
