@@ -632,6 +632,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
             args.precision.check(&device)?;
+            if let Some(notice) = args.precision.notice(&device) {
+                tracing::warn!("{notice}");
+            }
             config.train.precision = args.precision;
             let _autocast = autocast(args.precision);
             #[cfg(feature = "flex")]
@@ -708,6 +711,9 @@ fn bench_conv(args: &BenchArgs, config: &TrainConfig) -> Result<()> {
         }
         let device = Backend::Flex.training_device()?;
         args.precision.check(&device)?;
+        if let Some(notice) = args.precision.notice(&device) {
+            tracing::warn!("{notice}");
+        }
         let _autocast = autocast(args.precision);
         let convolutions = crate::bench::bench_conv(config, args.warmup, args.steps);
         for c in &convolutions {

@@ -14,7 +14,8 @@
 //!   where im2col copied it from (col2im).
 //! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, the same im2col over whole samples,
 //!   into a column-major result so that gemm packs the small `dy` rather than the im2col.
-//! - In bf16 (`--precision bf16` on a CPU with AMX) the same three products run on
+//! - In bf16 (`--precision bf16` on a CPU with AMX; without AMX it takes the f32 path) the
+//!   same three products run on
 //!   [`super::amx`] tiles: the forward's im2col is built from the input converted once to bf16
 //!   with its channels interleaved in pairs, so that each row of a tile is one copied run; the
 //!   weight gradient packs its im2col rows straight into tile layout, its samples split over the
@@ -67,8 +68,8 @@ pub trait GemmConvOps: burn::backend::Backend {
 }
 
 /// `conv` applied to an NCHW batch: through [`GemmConvOps`] on flex with f32 tensors and no
-/// bias (under a bf16 autocast scope with bf16 GEMMs, where the CPU has AMX), as
-/// `precision::conv2d` otherwise.
+/// bias (under a bf16 autocast scope with bf16 GEMMs where the CPU has AMX, with f32 ones where
+/// it has not), as `precision::conv2d` otherwise.
 pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let Some((options, bf16)) = gemm_path(conv, &x) else {
         return precision::conv2d(conv, x);
@@ -83,11 +84,13 @@ pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// The options `conv` takes our path with, and whether in bf16; `None` where it does not.
+/// Without AMX a bf16 scope takes our f32 GEMMs: burn's bf16 convolution, the alternative,
+/// ran the step at a quarter of the f32 step's speed (`Precision::notice` says so to the user).
 pub(super) fn gemm_path(conv: &Conv2d, x: &Tensor<4>) -> Option<(ConvOptions<2>, bool)> {
     let options = precision::conv_options(conv)?;
     let bf16 = match precision::compute_dtype() {
         None => false,
-        Some(burn::tensor::FloatDType::BF16) if super::amx::available() => true,
+        Some(burn::tensor::FloatDType::BF16) => super::amx::available(),
         Some(_) => return None,
     };
     let ours = super::enabled()
@@ -2286,12 +2289,12 @@ mod tests {
         }
     }
 
-    /// Under a bf16 autocast scope the convolution takes bf16 GEMMs (AMX tiles where the CPU
-    /// has them, burn's bf16 convolution otherwise): output and both gradients within bf16
-    /// rounding of burn's f32 convolution, for stride-1 layers (their input gradient on the
-    /// same GEMMs) and strided ones (theirs by col2im), with depths beyond one tile. Narrow
-    /// 3x3 stride-1 layers take f32 Winograd instead (`BF16_WINOGRAD_MAX_CHANNELS`), their
-    /// weight gradient up to 64 channels: those results stay within f32 rounding.
+    /// Under a bf16 autocast scope the convolution takes bf16 GEMMs on AMX tiles where the CPU
+    /// has them: output and both gradients within bf16 rounding of burn's f32 convolution, for
+    /// stride-1 layers (their input gradient on the same GEMMs) and strided ones (theirs by
+    /// col2im), with depths beyond one tile. Narrow 3x3 stride-1 layers take f32 Winograd
+    /// instead (`BF16_WINOGRAD_MAX_CHANNELS`), their weight gradient up to 64 channels: those
+    /// results stay within f32 rounding. Without AMX every result takes our f32 path.
     #[test]
     fn bf16_convolution_stays_within_bf16_rounding_of_f32() {
         use crate::model::precision::{Precision, autocast};
@@ -2300,7 +2303,12 @@ mod tests {
         // An odd channel count (3, as a stem) leaves the last channel pair half empty; the
         // strided 3x3 and 1x1 (a downsample) take the col2im input gradient.
         // Which of output, weight gradient and input gradient stay in f32 (Winograd).
-        let (amx, narrow, weight_grad_only) = ([false; 3], [true; 3], [false, true, false]);
+        let has_amx = super::super::amx::available();
+        let (amx, narrow, weight_grad_only) = if has_amx {
+            ([false; 3], [true; 3], [false, true, false])
+        } else {
+            ([true; 3], [true; 3], [true; 3])
+        };
         for (cin, cout, kernel, stride, size, in_f32) in [
             (40, 72, 3, 1, 9, amx),
             (24, 40, 3, 2, 7, amx),
@@ -2336,7 +2344,7 @@ mod tests {
                 let y = if bf16 {
                     let _bf16 = autocast(Precision::Bf16);
                     let path = gemm_path(&conv, &x).map(|(_, bf16)| bf16);
-                    assert_eq!(path, super::super::amx::available().then_some(true));
+                    assert_eq!(path, Some(has_amx));
                     forward(&conv, x.clone())
                 } else {
                     conv.forward(x.clone())

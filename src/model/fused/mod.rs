@@ -4,9 +4,9 @@
 //! inference too), whose GEMMs run on AMX tiles in bf16 under `--precision bf16` ([`amx`]), and
 //! in f32 by Winograd's F(2x2, 3x3) for the 3x3 stride-1 layers of wide models, their weight
 //! gradients by F(3x3, 2x2) (`winograd`).
-//! Each is a burn backend extension with a hand-written backward; on any other backend, in bf16
-//! without AMX, or when switched off, burn's own module forward runs instead, and burn's ops
-//! are the reference in the tests.
+//! Each is a burn backend extension with a hand-written backward; on any other backend or when
+//! switched off, burn's own module forward runs instead, and burn's ops are the reference in
+//! the tests. In bf16 without AMX the convolutions take the f32 path.
 
 pub mod amx;
 pub mod batch_norm;

@@ -530,17 +530,13 @@ mod tests {
 
     /// Output, the gradients of input, weight, gamma and beta, and the running statistics,
     /// of `pair` fused and of its two fused operations in a row (each tested against burn's),
-    /// in f32 and under a bf16 autocast (where the CPU has AMX): the same values, up to the
-    /// order of float sums.
+    /// in f32 and under a bf16 autocast (on AMX where the CPU has it, the f32 path otherwise):
+    /// the same values, up to the order of float sums.
     #[test]
     fn matches_the_two_operations_in_a_row() {
         let device = Device::flex().autodiff();
         device.seed(11);
-        let precisions = if super::super::amx::available() {
-            vec![Precision::F32, Precision::Bf16]
-        } else {
-            vec![Precision::F32]
-        };
+        let precisions = [Precision::F32, Precision::Bf16];
         // A 3x3 stride-1 convolution (its input gradient a convolution), a strided one
         // (col2im), a 1x1 one (an unpadded input, normalised all the same) and a strided 1x1
         // one (of a subsample of its input), and a stem on
