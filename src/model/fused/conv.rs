@@ -176,12 +176,16 @@ pub(super) mod flex {
     const CHUNK_FLOATS: usize = 1000;
 
     /// Largest weight gradient (floats) whose GEMM sums are split over the threads, each into a
-    /// partial result of its own (one `[C_out, taps]` per thread): the narrow layers. Larger
-    /// ones use gemm's threading, which parallelises them well without the extra memory. In
-    /// the tests the 1x1 and 3x3 kernels from 4 to 6 channels take the split, the larger ones
-    /// gemm's threading.
+    /// partial result of its own (one `[C_out, taps]` per thread, at most 512 KiB: in L2 while
+    /// each small chunk adds to it): the narrow layers, and in ResNet-18 the 64 -> 128 strided
+    /// 3x3 and the 256 -> 512 downsample (`byol bench conv`, three rounds alternating, ms:
+    /// 22.9-24.4 vs 37.6-70.9 and 4.1-5.5 vs 6.0-7.2 with gemm's threading over 8 MB chunks;
+    /// the 128 -> 256 strided 3x3, whose part is 1.2 MB, did not gain: 31.6-50.5 vs
+    /// 25.9-34.8). Larger ones use gemm's threading, without the extra memory. In the tests the
+    /// 1x1 and 3x3 kernels from 4 to 6 channels take the split, the larger ones gemm's
+    /// threading.
     #[cfg(not(test))]
-    const SPLIT_SUM_MAX_RESULT: usize = 1 << 16;
+    const SPLIT_SUM_MAX_RESULT: usize = 1 << 17;
     #[cfg(test)]
     const SPLIT_SUM_MAX_RESULT: usize = 300;
 
