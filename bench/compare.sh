@@ -43,5 +43,7 @@ t = statistics.median(r["images_per_sec"] for r in theirs)
 print(f"| stack | {kind} img/s (width {width}, batch {batch}) | ratio to PyTorch | peak RSS MiB |")
 print("|---|---|---|---|")
 print(f"| {torch_name} | {t:.1f} | 1.00 | {max(r['peak_rss_mib'] for r in theirs):.0f} |")
-print(f"| byol (burn flex) {precision} | {o:.1f} | {o / t:.2f} | {max(r['peak_rss_mib'] for r in ours):.0f} |")
+# Where our precision ran otherwise (bf16 without AMX: f32 convolutions), the bench says why.
+note = " (convolutions in f32: no AMX)" if any("notice" in r for r in ours) else ""
+print(f"| byol (burn flex) {precision}{note} | {o:.1f} | {o / t:.2f} | {max(r['peak_rss_mib'] for r in ours):.0f} |")
 PY

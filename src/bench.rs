@@ -61,6 +61,9 @@ pub struct BenchReport {
     pub threads: usize,
     /// Float type of the measured tensors (`f32` unless `--precision` said otherwise).
     pub precision: &'static str,
+    /// Where the precision ran otherwise than it says (`Precision::notice`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notice: Option<&'static str>,
 }
 
 impl BenchReport {
@@ -85,6 +88,7 @@ impl BenchReport {
             peak_rss_mib: peak_rss_mib(),
             threads,
             precision: "f32",
+            notice: None,
         }
     }
 }

@@ -632,7 +632,8 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
             args.precision.check(&device)?;
-            if let Some(notice) = args.precision.notice(&device) {
+            let notice = args.precision.notice(&device);
+            if let Some(notice) = notice {
                 tracing::warn!("{notice}");
             }
             config.train.precision = args.precision;
@@ -645,6 +646,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 crate::bench::bench_infer(&config, &device, args.warmup, args.steps)
             };
             report.precision = args.precision.name();
+            report.notice = notice;
             vec![report]
         }
         BenchKind::Conv => return bench_conv(args, &config),

@@ -193,6 +193,19 @@ mod tests {
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::Distribution;
 
+    /// The user is told exactly when bf16 convolutions run in f32: on flex without AMX.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn bf16_on_flex_without_amx_says_its_convolutions_run_in_f32() {
+        let device = Device::flex().autodiff();
+        let amx = crate::model::fused::amx::available();
+        let notice = Precision::Bf16.notice(&device);
+        assert_eq!(notice.is_some(), !amx);
+        assert!(notice.is_none_or(|n| n.contains("f32") && n.contains("AMX")));
+        assert_eq!(Precision::F32.notice(&device), None);
+        assert_eq!(Precision::F16.notice(&device), None);
+    }
+
     #[test]
     fn scopes_nest_and_restore() {
         assert_eq!(compute_dtype(), None);
