@@ -15,11 +15,10 @@
 //! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, the same im2col over whole samples,
 //!   into a column-major result so that gemm packs the small `dy` rather than the im2col.
 //! - In bf16 (`--precision bf16` on a CPU with AMX; without AMX it takes the f32 path) the
-//!   same three products run on
-//!   [`super::amx`] tiles: the forward's im2col is built from the input converted once to bf16
-//!   with its channels interleaved in pairs, so that each row of a tile is one copied run; the
-//!   weight gradient packs its im2col rows straight into tile layout, its samples split over the
-//!   threads.
+//!   same three products run on [`super::amx`] tiles: the forward's im2col is built from the
+//!   input converted once to bf16 with its channels interleaved in pairs, so that each row of
+//!   a tile is one copied run; the weight gradient packs its im2col rows straight into tile
+//!   layout, its samples split over the threads.
 //!
 //! GEMM is the `gemm` crate flex itself uses, called directly for strides and accumulation.
 //! burn's `Conv2d` module keeps the parameters; [`forward`] replaces its forward.
