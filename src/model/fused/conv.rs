@@ -10,8 +10,9 @@
 //!   direct loop. For the stride-1 convolutions that make up most of a ResNet the input gradient
 //!   *is* a convolution, of the output gradient with the kernel flipped in space and its in/out
 //!   channels swapped, padded by `k - 1 - p`: it takes the forward above. Strided convolutions
-//!   compute `weight^T x dy` per sample (the gradient of its im2col) and add each tap's row back
-//!   where im2col copied it from (col2im).
+//!   compute `weight^T x dy` per sample (the gradient of its im2col; in f32, samples of few
+//!   positions several to a GEMM) and add each tap's row back where im2col copied it from
+//!   (col2im).
 //! - Weight gradient: `dy [C_out, N*P] x im2col(x)^T`, the same im2col over whole samples,
 //!   into a column-major result so that gemm packs the small `dy` rather than the im2col.
 //! - In bf16 (`--precision bf16` on a CPU with AMX; without AMX it takes the f32 path) the
@@ -203,6 +204,13 @@ pub(super) mod flex {
     /// their images span several tiles.
     #[cfg(not(test))]
     const TILE_POSITIONS: usize = 256;
+    /// Output positions (whole samples) per GEMM of a strided f32 input gradient
+    /// (`weight^T x dy`, then col2im): a sample of 4x4 positions alone fills a quarter of
+    /// gemm's 64-row microkernel. The tests take two samples of their small images.
+    #[cfg(not(test))]
+    const COL2IM_GROUP_POSITIONS: usize = 64;
+    #[cfg(test)]
+    const COL2IM_GROUP_POSITIONS: usize = 40;
     #[cfg(test)]
     const TILE_POSITIONS: usize = 7;
     /// The same in bf16 on AMX tiles, where half as many run faster: the bf16 step at width 1
@@ -559,11 +567,20 @@ pub(super) mod flex {
         /// Adds each tap's row of `columns` (`[taps, positions]` of one sample) back into
         /// `padded` (one sample, padded and phase-split) where [`Self::fill_tap_row`] copies
         /// it from: the adjoint of im2col.
-        fn add_tap_rows(&self, columns: &[f32], padded: &mut [f32]) {
+        fn add_tap_rows(
+            &self,
+            columns: &[f32],
+            [row_length, first]: [usize; 2],
+            padded: &mut [f32],
+        ) {
             let (kh, kw, wo) = (self.kh, self.kw, self.wo);
             let [sh, sw] = self.stride;
             let [hp, pitch, phase] = self.padded_plane();
-            for (tap, row) in columns.chunks_exact(self.positions()).enumerate() {
+            let rows = columns.chunks_exact(row_length);
+            for (tap, row) in rows
+                .map(|row| &row[first..][..self.positions()])
+                .enumerate()
+            {
                 let (c, i, j) = (tap / (kh * kw), tap / kw % kh, tap % kw);
                 let plane = &mut padded[c * hp * pitch..][..hp * pitch];
                 let start = i * pitch + j % sw * phase + j / sw;
@@ -1253,24 +1270,47 @@ pub(super) mod flex {
             let packed_weights = kept_weights.as_deref().map(amx::OwnedA::view);
             let [hp, pitch, phase] = g.padded_plane();
             let image = g.cin * g.h * g.w;
-            let grad = filled_by_runs(g.n * image, image, |s, grad| {
-                let dy = &dys[s * cout * positions..][..cout * positions];
+            // In f32, samples with few positions go several to a GEMM (see
+            // `COL2IM_GROUP_POSITIONS`); on AMX one, whose tiles take 16 positions whole.
+            let group = if bf16 {
+                1
+            } else {
+                (COL2IM_GROUP_POSITIONS / positions).clamp(1, g.n)
+            };
+            let grad = filled_by_runs(g.n * image, group * image, |index, grads| {
+                let (first, count) = (index * group, grads.len() / image);
+                let width = count * positions;
                 with_scratch(|scratch| {
-                    // `[taps, P]`, the gradient of this sample's im2col.
-                    let columns = prefix(&mut scratch.columns, taps * positions);
+                    // `[taps, S * P]`, the gradient of these samples' im2col.
+                    let columns = prefix(&mut scratch.columns, taps * width);
                     if let Some(weights) = &packed_weights {
+                        let dy = &dys[first * cout * positions..][..cout * positions];
                         let dy =
                             amx::pack_b_rows(&mut scratch.packed, dy, positions, [cout, positions]);
                         amx::matmul(columns, positions, weights, &dy, false);
                     } else {
-                        // As its transpose `dy^T [P, C_out] x weight [C_out, taps]`,
-                        // both operands with `k` contiguous where gemm wants it.
+                        // As its transpose `dy^T [S * P, C_out] x weight [C_out, taps]`,
+                        // both operands with `k` contiguous where gemm wants it: the samples'
+                        // `dy` side by side as `[C_out, S * P]` (where there are several).
+                        let samples = &dys[first * cout * positions..][..count * cout * positions];
+                        let dy = if count == 1 {
+                            samples
+                        } else {
+                            let dy = prefix(&mut scratch.product, cout * width);
+                            for (s, sample) in samples.chunks_exact(cout * positions).enumerate() {
+                                for (co, run) in sample.chunks_exact(positions).enumerate() {
+                                    dy[co * width + s * positions..][..positions]
+                                        .copy_from_slice(run);
+                                }
+                            }
+                            &dy[..]
+                        };
                         gemm_into(
                             columns,
-                            [1, positions],
-                            [positions, taps, cout],
+                            [1, width],
+                            [width, taps, cout],
                             dy,
-                            [1, positions],
+                            [1, width],
                             &transposed,
                             [1, cout],
                             false,
@@ -1278,22 +1318,24 @@ pub(super) mod flex {
                         );
                     }
                     let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
-                    padded.fill(0.0);
-                    g.add_tap_rows(columns, padded);
-                    // Padded column `x + pw` is value `(x + pw) / sw` of phase `(x + pw) %
-                    // sw`: each phase fills the columns `sw` apart from its first.
-                    let [ph, pw] = g.pad;
-                    let sw = g.stride[1];
-                    let planes = padded.chunks_exact(hp * pitch);
-                    for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
-                        for (y, out) in out.chunks_exact_mut(g.w).enumerate() {
-                            let padded_row = &plane[(y + ph) * pitch..][..pitch];
-                            for first in 0..sw.min(g.w) {
-                                let column = first + pw;
-                                let values = &padded_row[column % sw * phase + column / sw..];
-                                let outs = out[first..].iter_mut().step_by(sw);
-                                for (o, &v) in outs.zip(values) {
-                                    *o = v;
+                    for (s, grad) in grads.chunks_exact_mut(image).enumerate() {
+                        padded.fill(0.0);
+                        g.add_tap_rows(columns, [width, s * positions], padded);
+                        // Padded column `x + pw` is value `(x + pw) / sw` of phase `(x + pw) %
+                        // sw`: each phase fills the columns `sw` apart from its first.
+                        let [ph, pw] = g.pad;
+                        let sw = g.stride[1];
+                        let planes = padded.chunks_exact(hp * pitch);
+                        for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
+                            for (y, out) in out.chunks_exact_mut(g.w).enumerate() {
+                                let padded_row = &plane[(y + ph) * pitch..][..pitch];
+                                for first in 0..sw.min(g.w) {
+                                    let column = first + pw;
+                                    let values = &padded_row[column % sw * phase + column / sw..];
+                                    let outs = out[first..].iter_mut().step_by(sw);
+                                    for (o, &v) in outs.zip(values) {
+                                        *o = v;
+                                    }
                                 }
                             }
                         }
