@@ -835,6 +835,28 @@ pub(super) mod flex {
         &mut buffer[..len]
     }
 
+    /// The output gradients of the samples in `dys` (NCHW) as one `[C_out, S * P]` matrix,
+    /// each channel's runs side by side: `dys` as it lies for one sample, else copied into
+    /// `buffer`.
+    fn side_by_side<'a>(
+        dys: &'a [f32],
+        [cout, positions]: [usize; 2],
+        buffer: &'a mut Vec<f32>,
+    ) -> &'a [f32] {
+        let count = dys.len() / (cout * positions);
+        if count == 1 {
+            return dys;
+        }
+        let width = count * positions;
+        let out = prefix(buffer, cout * width);
+        for (s, sample) in dys.chunks_exact(cout * positions).enumerate() {
+            for (co, run) in sample.chunks_exact(positions).enumerate() {
+                out[co * width + s * positions..][..positions].copy_from_slice(run);
+            }
+        }
+        out
+    }
+
     /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, each matrix given by its row and column
     /// strides; `accumulate` adds to `dst` instead of overwriting it. gemm packs `lhs` into
     /// panels of rows: cheapest when `lhs` is column-major (`m` contiguous); it reads `rhs`
@@ -964,18 +986,7 @@ pub(super) mod flex {
         for (tap, row) in columns.chunks_exact_mut(depth).enumerate() {
             g.fill_tap_row(padded, tap, [0, g.ho], row);
         }
-        // `[C_out, S * P]`: a sample's `dy` as it lies.
-        let grads = if count == 1 {
-            dys
-        } else {
-            let grads = prefix(&mut part.grads, cout * depth);
-            for (s, sample) in dys.chunks_exact(cout * positions).enumerate() {
-                for (co, run) in sample.chunks_exact(positions).enumerate() {
-                    grads[co * depth + s * positions..][..positions].copy_from_slice(run);
-                }
-            }
-            grads
-        };
+        let grads = side_by_side(dys, [cout, positions], &mut part.grads);
         gemm_into(
             &mut part.sum,
             [1, cout],
@@ -1290,21 +1301,9 @@ pub(super) mod flex {
                         amx::matmul(columns, positions, weights, &dy, false);
                     } else {
                         // As its transpose `dy^T [S * P, C_out] x weight [C_out, taps]`,
-                        // both operands with `k` contiguous where gemm wants it: the samples'
-                        // `dy` side by side as `[C_out, S * P]` (where there are several).
+                        // both operands with `k` contiguous where gemm wants it.
                         let samples = &dys[first * cout * positions..][..count * cout * positions];
-                        let dy = if count == 1 {
-                            samples
-                        } else {
-                            let dy = prefix(&mut scratch.product, cout * width);
-                            for (s, sample) in samples.chunks_exact(cout * positions).enumerate() {
-                                for (co, run) in sample.chunks_exact(positions).enumerate() {
-                                    dy[co * width + s * positions..][..positions]
-                                        .copy_from_slice(run);
-                                }
-                            }
-                            &dy[..]
-                        };
+                        let dy = side_by_side(samples, [cout, positions], &mut scratch.product);
                         gemm_into(
                             columns,
                             [1, width],
