@@ -631,11 +631,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 .device
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
-            args.precision.check(&device)?;
-            let notice = args.precision.notice(&device);
-            if let Some(notice) = notice {
-                tracing::warn!("{notice}");
-            }
+            let notice = args.precision.check(&device)?;
             config.train.precision = args.precision;
             let _autocast = autocast(args.precision);
             #[cfg(feature = "flex")]
@@ -713,9 +709,6 @@ fn bench_conv(args: &BenchArgs, config: &TrainConfig) -> Result<()> {
         }
         let device = Backend::Flex.training_device()?;
         args.precision.check(&device)?;
-        if let Some(notice) = args.precision.notice(&device) {
-            tracing::warn!("{notice}");
-        }
         let _autocast = autocast(args.precision);
         let convolutions = crate::bench::bench_conv(config, args.warmup, args.steps);
         for c in &convolutions {

@@ -191,9 +191,6 @@ fn prune_snapshots(dir: &Path, keep: usize) -> Result<()> {
 pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
     config.validate()?;
     config.train.precision.check(&options.device)?;
-    if let Some(notice) = config.train.precision.notice(&options.device) {
-        tracing::warn!("{notice}");
-    }
     prepare_run_dir(&options.out, options.overwrite, options.resume)?;
     write_atomic(
         &options.out.join("config.toml"),

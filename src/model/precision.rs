@@ -60,8 +60,9 @@ impl Precision {
         self == Precision::F16
     }
 
-    /// An error naming the flag when `device` cannot compute in this precision.
-    pub fn check(self, device: &Device) -> Result<()> {
+    /// An error naming the flag when `device` cannot compute in this precision; otherwise its
+    /// [`notice`](Self::notice), if any, logged as a warning and returned.
+    pub fn check(self, device: &Device) -> Result<Option<&'static str>> {
         match self.compute_dtype() {
             Some(dtype) if !device.supports_dtype(dtype) => {
                 bail!(
@@ -70,7 +71,13 @@ impl Precision {
                     self.name()
                 )
             }
-            _ => Ok(()),
+            _ => {
+                let notice = self.notice(device);
+                if let Some(notice) = notice {
+                    tracing::warn!("{notice}");
+                }
+                Ok(notice)
+            }
         }
     }
 

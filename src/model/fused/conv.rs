@@ -1291,18 +1291,22 @@ pub(super) mod flex {
             let grad = filled_by_runs(g.n * image, group * image, |index, grads| {
                 let (first, count) = (index * group, grads.len() / image);
                 let width = count * positions;
+                let samples = &dys[first * cout * positions..][..count * cout * positions];
                 with_scratch(|scratch| {
                     // `[taps, S * P]`, the gradient of these samples' im2col.
                     let columns = prefix(&mut scratch.columns, taps * width);
                     if let Some(weights) = &packed_weights {
-                        let dy = &dys[first * cout * positions..][..cout * positions];
-                        let dy =
-                            amx::pack_b_rows(&mut scratch.packed, dy, positions, [cout, positions]);
+                        // One sample (`group` is 1 on AMX).
+                        let dy = amx::pack_b_rows(
+                            &mut scratch.packed,
+                            samples,
+                            positions,
+                            [cout, positions],
+                        );
                         amx::matmul(columns, positions, weights, &dy, false);
                     } else {
                         // As its transpose `dy^T [S * P, C_out] x weight [C_out, taps]`,
                         // both operands with `k` contiguous where gemm wants it.
-                        let samples = &dys[first * cout * positions..][..count * cout * positions];
                         let dy = side_by_side(samples, [cout, positions], &mut scratch.product);
                         gemm_into(
                             columns,
@@ -1317,13 +1321,12 @@ pub(super) mod flex {
                         );
                     }
                     let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
+                    let ([ph, pw], sw) = (g.pad, g.stride[1]);
                     for (s, grad) in grads.chunks_exact_mut(image).enumerate() {
                         padded.fill(0.0);
                         g.add_tap_rows(columns, [width, s * positions], padded);
                         // Padded column `x + pw` is value `(x + pw) / sw` of phase `(x + pw) %
                         // sw`: each phase fills the columns `sw` apart from its first.
-                        let [ph, pw] = g.pad;
-                        let sw = g.stride[1];
                         let planes = padded.chunks_exact(hp * pitch);
                         for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
                             for (y, out) in out.chunks_exact_mut(g.w).enumerate() {
