@@ -631,11 +631,12 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 .device
                 .unwrap_or_else(Backend::default_compiled)
                 .training_device()?;
+            // Before the check, whose notice holds only for our operations.
+            #[cfg(feature = "flex")]
+            crate::model::fused::set_enabled(!args.burn_ops);
             let notice = args.precision.check(&device)?;
             config.train.precision = args.precision;
             let _autocast = autocast(args.precision);
-            #[cfg(feature = "flex")]
-            crate::model::fused::set_enabled(!args.burn_ops);
             let mut report = if args.kind == BenchKind::Train {
                 crate::bench::bench_train(&config, &device, args.warmup, args.steps)
             } else {

@@ -82,10 +82,12 @@ impl Precision {
     }
 
     /// Where this precision runs otherwise on `device` than the flag says, a line for the
-    /// user: bf16 on flex without AMX keeps the convolutions in f32.
+    /// user: bf16 on flex without AMX keeps our convolutions in f32 (with our operations
+    /// switched off, burn's bf16 ones run as the flag says).
     pub fn notice(self, device: &Device) -> Option<&'static str> {
         #[cfg(feature = "flex")]
         if self == Precision::Bf16
+            && crate::model::fused::enabled()
             && crate::model::fused::is_flex(device)
             && !crate::model::fused::amx::available()
         {
