@@ -156,8 +156,8 @@ fn input_grad_is_a_convolution(options: &ConvOptions<2>, kernel: [usize; 2]) -> 
 pub(super) mod flex {
     use super::super::batch_norm::flex::{ChannelNorm, sample_sums};
     use super::super::{
-        amx, as_slots, contiguous_f32, filled_by_runs, step_cache, tensor, transpose16, wide,
-        winograd, written_by_runs,
+        amx, as_slots, contiguous_f32, direct, filled_by_runs, step_cache, tensor, transpose16,
+        wide, winograd, written_by_runs,
     };
     use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::Flex;
@@ -220,6 +220,9 @@ pub(super) mod flex {
     const BF16_TILE_POSITIONS: usize = 128;
     #[cfg(test)]
     const BF16_TILE_POSITIONS: usize = 7;
+    /// The most channels (in or out) at which a 3x3 stride-1 convolution takes the direct
+    /// kernels (`takes_direct`) rather than Winograd.
+    const DIRECT_MAX_CHANNELS: usize = 16;
     /// Channels times output width from which a convolution takes Winograd (`takes_winograd`);
     /// the tests take it everywhere it applies.
     #[cfg(not(test))]
@@ -1393,6 +1396,14 @@ pub(super) mod flex {
         let xs = contiguous_f32(&x);
         // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
         let weights = contiguous_f32(&weight);
+        if takes_direct(&g, bf16) {
+            let packed = step_cache::derived(&weight, "direct weights", || {
+                direct::pack_weights(&weights, [cout, g.cin])
+            });
+            let sums = OutputSums::new(&g);
+            let output = direct_convolve(&g, &xs, &packed, norm, &sums);
+            return sums.kept_for(tensor(output, Shape::new([g.n, cout, g.ho, g.wo])));
+        }
         if takes_winograd(&g, bf16) {
             let output = winograd_convolve(&g, &xs, &weights, norm);
             return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
@@ -1709,6 +1720,68 @@ pub(super) mod flex {
         tensor(values, Shape::new([g.n, g.cin, g.h, g.w]))
     }
 
+    /// Whether [`convolve`] takes [`direct_convolve`]: a 3x3, stride-1, padding-1 convolution
+    /// that [`direct::applies`] to, of at most [`DIRECT_MAX_CHANNELS`] channels (in bf16, as
+    /// narrow as [`takes_winograd`] allows).
+    fn takes_direct(g: &Geometry, bf16: bool) -> bool {
+        let channels = g.cin.max(g.cout);
+        [g.kh, g.kw] == [3, 3]
+            && g.stride == [1, 1]
+            && g.pad == [1, 1]
+            && direct::applies(g.cout, g.wo)
+            && channels <= DIRECT_MAX_CHANNELS
+            && (!bf16 || channels <= BF16_WINOGRAD_MAX_CHANNELS)
+    }
+
+    /// [`convolve`] by [`direct::forward_sample`], sample by sample in parallel: each padded
+    /// (through `norm`) into this thread's scratch, convolved, and its output sums taken
+    /// while it is in cache.
+    fn direct_convolve(
+        g: &Geometry,
+        xs: &[f32],
+        packed: &[f32],
+        norm: Option<&ChannelNorm>,
+        sums: &OutputSums,
+    ) -> Vec<f32> {
+        let sample = g.cout * g.positions();
+        // SAFETY: `forward_sample` writes every value of the sample's output.
+        unsafe {
+            written_by_runs(g.n * sample, sample, |s, out| {
+                with_scratch(|scratch| {
+                    let padded = g.padded(xs, [s, 1], &mut scratch.padded, false, norm);
+                    direct::forward_sample(padded, packed, [g.cin, g.cout, g.ho, g.wo], out);
+                });
+                // SAFETY: written just above.
+                sums.add(
+                    s,
+                    &*(out as *const [std::mem::MaybeUninit<f32>] as *const [f32]),
+                );
+            })
+        }
+    }
+
+    /// [`weight_grad`] by [`direct::add_gradient_sample`]: each thread adds its samples (each
+    /// padded through `norm` into the thread's scratch) into sums of its own, lane by lane,
+    /// which it adds up once at the end.
+    fn direct_weight_grad(
+        g: &Geometry,
+        xs: &[f32],
+        dys: &[f32],
+        norm: Option<&ChannelNorm>,
+    ) -> Vec<f32> {
+        let (cout, sample) = (g.cout, g.cout * g.positions());
+        let shape = [g.cin, cout, g.ho, g.wo];
+        summed_by_threads(g, g.n, |part, [first, count], accumulate| {
+            let lanes = prefix(&mut part.im2col, g.taps() * cout * direct::LANES);
+            lanes.fill(0.0);
+            for s in first..first + count {
+                let padded = g.padded(xs, [s, 1], &mut part.padded, false, norm);
+                direct::add_gradient_sample(padded, &dys[s * sample..][..sample], shape, lanes);
+            }
+            direct::gradient_lanes_sum(lanes, &mut part.sum, accumulate);
+        })
+    }
+
     /// Whether [`convolve`] takes [`winograd_convolve`]. Its transforms and copies cost per
     /// value, what it saves grows with the channels: measured, every 3x3 layer of a ResNet-18
     /// gains at width 1 (channels x output width 2,048) and, since F(4x4, 3x3), at width 0.25
@@ -1992,6 +2065,10 @@ pub(super) mod flex {
             let total = flat_weight_grad(&g, &xs, &dys, norm);
             return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
         }
+        if takes_direct(&g, bf16) {
+            let total = direct_weight_grad(&g, &xs, &dys, norm);
+            return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
+        }
         if takes_winograd_gradient(&g, bf16) {
             let total = winograd_weight_grad(&g, &xs, &dys, norm);
             return tensor(total, Shape::new([cout, g.cin, g.kh, g.kw]));
@@ -2196,7 +2273,8 @@ mod tests {
     use burn::tensor::{Device, Distribution};
 
     /// Under a step's caches, a convolution keeps the per-sample sums of its output for the
-    /// norm that reads it (the bf16 pair-plane and im2col paths, and the f32 im2col one), and
+    /// norm that reads it (the bf16 pair-plane and im2col paths, and the f32 im2col and direct
+    /// ones), and
     /// they are the sums of the output it returns; the norm takes them once. Without the
     /// caches nothing is kept.
     #[test]
@@ -2214,7 +2292,12 @@ mod tests {
             (32, 64, 2, 2, true),
             (6, 10, 9, 2, false),
             (6, 10, 2, 2, false),
+            // The direct kernels (on AVX-512; elsewhere Winograd, which keeps none).
+            (8, 16, 16, 1, false),
         ] {
+            if stride == 1 && !bf16 && !super::super::direct::applies(cout, size) {
+                continue;
+            }
             if bf16 && !amx {
                 continue;
             }
@@ -2281,6 +2364,12 @@ mod tests {
             (3, 1, 1, 8, [16, 16]),
             (3, 1, 1, 8, [16, 32]),
             (3, 1, 1, 4, [32, 64]),
+            // On AVX-512, rows of 16 and 32 at up to 16 channels take the direct kernels: one
+            // vector a row (blocks of 6, 3 and 1 rows; the input gradient too, channels
+            // swapped) and two (blocks of 3 and 1; the stem's 3 input channels, whose input
+            // gradient of 3 channels takes Winograd).
+            (3, 1, 1, 16, [8, 16]),
+            (3, 1, 1, 32, [3, 8]),
         ] {
             let conv = test_conv([cin, cout], kernel, stride, pad, &device);
             let x = Tensor::<4>::random(

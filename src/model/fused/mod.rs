@@ -11,6 +11,7 @@
 pub mod amx;
 pub mod batch_norm;
 pub mod conv;
+mod direct;
 pub mod norm_conv;
 pub mod step_cache;
 mod winograd;

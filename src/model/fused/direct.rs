@@ -1,0 +1,384 @@
+//! Direct 3x3 convolutions (stride 1, padding 1) of narrow layers on rows of 16 or 32 values,
+//! in AVX-512 registers: each output row is one or two vectors, so the input rows are read as
+//! they lie in the padded NCHW planes, with no channels-last copy, no transform and no im2col.
+//!
+//! At 16 and 32 channels Winograd's transforms and copies cost more than the products they
+//! save (the F(4x4, 3x3) forward of the 16-channel 32x32 layers of a width-0.25 ResNet-18 ran
+//! at about a quarter of the FMA peak); here every FMA does useful work, and the operands come
+//! from L1: a block of output rows of a few output channels stays in registers over all input
+//! channels and taps.
+
+use super::{Level, level};
+
+/// Floats per AVX-512 vector.
+pub(super) const LANES: usize = 16;
+/// Output channels per register block of the forward: each tap's weights are broadcast once
+/// into this many registers.
+const CHANNELS: usize = 4;
+/// Output channels per register block of the weight gradient: the sums of three taps (one
+/// kernel row) for each.
+const GRADIENT_CHANNELS: usize = 8;
+
+/// Whether the direct kernels take a 3x3, stride-1, padding-1 convolution of `cin -> cout`
+/// channels with output rows of `w` values: rows of whole vectors (one or two), output channels
+/// in whole register blocks, and AVX-512.
+pub(super) fn applies(cout: usize, w: usize) -> bool {
+    w.is_multiple_of(LANES)
+        && (1..=2).contains(&(w / LANES))
+        && cout.is_multiple_of(GRADIENT_CHANNELS)
+        && level() == Level::Avx512
+}
+
+/// The weights `[C_out, C_in, 3, 3]` as the forward reads them: per block of [`CHANNELS`]
+/// output channels, `[C_in, 9, CHANNELS]`.
+pub(super) fn pack_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
+    assert_eq!(weights.len(), cout * cin * 9, "weights [C_out, C_in, 3, 3]");
+    assert_eq!(cout % CHANNELS, 0, "output channels in whole blocks");
+    let mut packed = vec![0.0; weights.len()];
+    for (i, value) in packed.iter_mut().enumerate() {
+        let (block, ci, tap, c) = (
+            i / (cin * 9 * CHANNELS),
+            i / (9 * CHANNELS) % cin,
+            i / CHANNELS % 9,
+            i % CHANNELS,
+        );
+        *value = weights[((block * CHANNELS + c) * cin + ci) * 9 + tap];
+    }
+    packed
+}
+
+/// One sample's output `[C_out, H, W]` from its padded input `[C_in, H + 2, W + 2]` and the
+/// [`pack_weights`] weights.
+pub(super) fn forward_sample(
+    padded: &[f32],
+    packed: &[f32],
+    [cin, cout, h, w]: [usize; 4],
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    assert!(applies(cout, w), "direct convolution of rows of {w}");
+    let (pitch, plane) = (w + 2, (h + 2) * (w + 2));
+    assert!(padded.len() >= cin * plane, "padded input size");
+    assert_eq!(packed.len(), cout * cin * 9, "packed weights size");
+    assert_eq!(out.len(), cout * h * w, "output size");
+    let out = out.as_mut_ptr() as *mut f32;
+    let shape = Rows {
+        pitch,
+        plane,
+        cin,
+        w,
+        out_plane: h * w,
+    };
+    for block in 0..cout / CHANNELS {
+        let weights = packed[block * cin * 9 * CHANNELS..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: each call reads rows `y..y + rows + 2` of the `cin` padded planes (asserted
+        // above) and writes rows `y..y + rows` of this block's output channels, within `out`.
+        unsafe {
+            let out = out.add(block * CHANNELS * h * w);
+            let mut y = 0;
+            macro_rules! rows {
+                ($v:literal, $r:literal) => {{
+                    while h - y >= $r {
+                        output_rows::<$v, $r>(
+                            padded.as_ptr().add(y * pitch),
+                            &shape,
+                            weights,
+                            out.add(y * w),
+                        );
+                        y += $r;
+                    }
+                }};
+            }
+            if w == LANES {
+                rows!(1, 6);
+                rows!(1, 3);
+                rows!(1, 1);
+            } else {
+                rows!(2, 3);
+                rows!(2, 1);
+            }
+        }
+    }
+}
+
+/// Strides of a sample's padded input and output.
+struct Rows {
+    pitch: usize,
+    plane: usize,
+    cin: usize,
+    w: usize,
+    out_plane: usize,
+}
+
+/// `R` output rows of `V` vectors each, of [`CHANNELS`] output channels, summed in registers
+/// over all input channels and taps, then stored.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_rows<const V: usize, const R: usize>(
+    input: *const f32,
+    shape: &Rows,
+    weights: *const f32,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::{
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let mut sums = [[[_mm512_setzero_ps(); CHANNELS]; V]; R];
+    for ci in 0..shape.cin {
+        // SAFETY (all pointer arithmetic below): within the caller's asserted sizes.
+        unsafe {
+            let rows = input.add(ci * shape.plane);
+            let taps = weights.add(ci * 9 * CHANNELS);
+            for kh in 0..3 {
+                for kw in 0..3 {
+                    let tap = taps.add((kh * 3 + kw) * CHANNELS);
+                    let mut tap_weights = [_mm512_setzero_ps(); CHANNELS];
+                    for (c, w) in tap_weights.iter_mut().enumerate() {
+                        *w = _mm512_set1_ps(*tap.add(c));
+                    }
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let row = rows.add((r + kh) * shape.pitch + kw);
+                        for (v, sums) in sums.iter_mut().enumerate() {
+                            let x = _mm512_loadu_ps(row.add(v * LANES));
+                            for (sum, &w) in sums.iter_mut().zip(&tap_weights) {
+                                *sum = _mm512_fmadd_ps(w, x, *sum);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (r, sums) in sums.iter().enumerate() {
+        for (v, sums) in sums.iter().enumerate() {
+            for (c, &sum) in sums.iter().enumerate() {
+                // SAFETY: row `r` of output channel `c` of the block, within `out`.
+                unsafe {
+                    _mm512_storeu_ps(out.add(c * shape.out_plane + r * shape.w + v * LANES), sum)
+                }
+            }
+        }
+    }
+}
+
+/// Adds one sample's weight gradient to `lanes` (`[C_in * 9, C_out, LANES]`: each tap and
+/// output channel's sums still spread over the vector's lanes, see [`gradient_lanes_sum`]),
+/// from its padded input `[C_in, H + 2, W + 2]` and output gradient `[C_out, H, W]`.
+pub(super) fn add_gradient_sample(
+    padded: &[f32],
+    dy: &[f32],
+    [cin, cout, h, w]: [usize; 4],
+    lanes: &mut [f32],
+) {
+    assert!(applies(cout, w), "direct convolution of rows of {w}");
+    let (pitch, plane) = (w + 2, (h + 2) * (w + 2));
+    assert!(padded.len() >= cin * plane, "padded input size");
+    assert_eq!(dy.len(), cout * h * w, "output gradient size");
+    assert_eq!(lanes.len(), cin * 9 * cout * LANES, "gradient lanes size");
+    let shape = GradientRows {
+        pitch,
+        h,
+        w,
+        out_plane: h * w,
+        cout,
+    };
+    // A block's output gradient (32 KiB at 8 channels of 32x32) stays in L1 while every
+    // input channel and kernel row passes over it.
+    for first in (0..cout).step_by(GRADIENT_CHANNELS) {
+        for ci in 0..cin {
+            for kh in 0..3 {
+                let taps = (ci * 9 + kh * 3) * cout;
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: reads rows `kh..kh + h` of padded plane `ci` and the output
+                // gradient of channels `first..first + GRADIENT_CHANNELS` (asserted sizes, and
+                // `applies` keeps the block whole); adds to the lanes of taps `(ci, kh, 0..3)`
+                // of those channels.
+                unsafe {
+                    let x = padded.as_ptr().add(ci * plane + kh * pitch);
+                    let dy = dy.as_ptr().add(first * h * w);
+                    let lanes = lanes.as_mut_ptr().add((taps + first) * LANES);
+                    if w == LANES {
+                        gradient_rows::<1>(x, dy, &shape, lanes);
+                    } else {
+                        gradient_rows::<2>(x, dy, &shape, lanes);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `[C_in * 9, C_out]` sums of [`add_gradient_sample`]'s lanes, added to `sums` when
+/// `accumulate`, else written there.
+pub(super) fn gradient_lanes_sum(lanes: &[f32], sums: &mut [f32], accumulate: bool) {
+    assert_eq!(
+        lanes.len(),
+        sums.len() * LANES,
+        "one vector of lanes per sum"
+    );
+    for (sum, lanes) in sums.iter_mut().zip(lanes.chunks_exact(LANES)) {
+        let total: f32 = lanes.iter().sum();
+        *sum = if accumulate { *sum + total } else { total };
+    }
+}
+
+/// Strides of a sample's padded input and output gradient.
+struct GradientRows {
+    pitch: usize,
+    h: usize,
+    w: usize,
+    out_plane: usize,
+    cout: usize,
+}
+
+/// The sums over a sample's output rows of [`GRADIENT_CHANNELS`] output channels' gradient
+/// times the input under taps `(kh, 0..3)` of one input channel (`x` points at its padded row
+/// `kh`), lane by lane in registers, then added to their `lanes`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gradient_rows<const V: usize>(
+    x: *const f32,
+    dy: *const f32,
+    shape: &GradientRows,
+    lanes: *mut f32,
+) {
+    use std::arch::x86_64::{
+        _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let mut sums = [[_mm512_setzero_ps(); 3]; GRADIENT_CHANNELS];
+    for y in 0..shape.h {
+        for v in 0..V {
+            // SAFETY (all pointer arithmetic below): within the caller's asserted sizes.
+            unsafe {
+                let row = x.add(y * shape.pitch + v * LANES);
+                let inputs = [
+                    _mm512_loadu_ps(row),
+                    _mm512_loadu_ps(row.add(1)),
+                    _mm512_loadu_ps(row.add(2)),
+                ];
+                for (c, sums) in sums.iter_mut().enumerate() {
+                    let grad =
+                        _mm512_loadu_ps(dy.add(c * shape.out_plane + y * shape.w + v * LANES));
+                    for (sum, &input) in sums.iter_mut().zip(&inputs) {
+                        *sum = _mm512_fmadd_ps(grad, input, *sum);
+                    }
+                }
+            }
+        }
+    }
+    for (c, sums) in sums.iter().enumerate() {
+        for (kw, &sum) in sums.iter().enumerate() {
+            // SAFETY: the lanes of tap `(kh, kw)` and channel `c` of the block.
+            unsafe {
+                let at = lanes.add((kw * shape.cout + c) * LANES);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), sum));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[N, C, H + 2, W + 2]` copies of `[N, C, H, W]` values with a zero border.
+    fn padded(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0.0; n * c * (h + 2) * (w + 2)];
+        for (plane, values) in x.chunks_exact(h * w).enumerate() {
+            for (y, row) in values.chunks_exact(w).enumerate() {
+                let at = (plane * (h + 2) + y + 1) * (w + 2) + 1;
+                out[at..at + w].copy_from_slice(row);
+            }
+        }
+        out
+    }
+
+    /// The padded input at `(ci, y + kh - 1, x + kw - 1)`, zero outside the image.
+    fn input(x: &[f32], [h, w]: [usize; 2], [ci, y, xx]: [usize; 3], [kh, kw]: [usize; 2]) -> f64 {
+        let (y, xx) = ((y + kh) as isize - 1, (xx + kw) as isize - 1);
+        if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
+            return 0.0;
+        }
+        x[(ci * h + y as usize) * w + xx as usize] as f64
+    }
+
+    /// Sizes the kernels take: rows of one vector (blocks of 6, 3 and 1 rows: 16 is 6 + 6 + 3
+    /// plus 1) and of two (blocks of 3 and 1: 32 = 10 x 3 + 2 x 1), three input channels as the
+    /// stem has, and two blocks of output channels.
+    const SHAPES: [[usize; 4]; 3] = [[5, 16, 16, 16], [3, 8, 32, 32], [2, 8, 7, 16]];
+
+    #[test]
+    fn forward_is_the_convolution_sum() {
+        if level() != Level::Avx512 {
+            return;
+        }
+        for [cin, cout, h, w] in SHAPES {
+            let x = super::super::test_values(cin * h * w, 1);
+            let weights = super::super::test_values(cout * cin * 9, 2);
+            let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); cout * h * w];
+            let packed = pack_weights(&weights, [cout, cin]);
+            forward_sample(
+                &padded(&x, [1, cin, h, w]),
+                &packed,
+                [cin, cout, h, w],
+                &mut out,
+            );
+            for (i, value) in out.iter().enumerate() {
+                // SAFETY: `forward_sample` wrote it (a NaN left in place fails below).
+                let value = unsafe { value.assume_init() };
+                let (co, y, xx) = (i / (h * w), i / w % h, i % w);
+                let mut expected = 0.0;
+                for ci in 0..cin {
+                    for tap in 0..9 {
+                        let at = [ci, y, xx];
+                        let weight = weights[(co * cin + ci) * 9 + tap] as f64;
+                        expected += weight * input(&x, [h, w], at, [tap / 3, tap % 3]);
+                    }
+                }
+                assert!(
+                    (value as f64 - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
+                    "{cin} -> {cout} at {h}x{w}: output {i} {value} vs {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_is_the_sum_over_samples_and_positions() {
+        if level() != Level::Avx512 {
+            return;
+        }
+        for [cin, cout, h, w] in SHAPES {
+            let n = 2;
+            let x = super::super::test_values(n * cin * h * w, 3);
+            let dy = super::super::test_values(n * cout * h * w, 4);
+            let padded = padded(&x, [n, cin, h, w]);
+            let mut lanes = vec![0.0; cin * 9 * cout * LANES];
+            let (image, grads) = (cin * (h + 2) * (w + 2), cout * h * w);
+            for s in 0..n {
+                let (padded, dy) = (&padded[s * image..][..image], &dy[s * grads..][..grads]);
+                add_gradient_sample(padded, dy, [cin, cout, h, w], &mut lanes);
+            }
+            // Written, then added to: twice the sums.
+            let mut sums = vec![f32::NAN; cin * 9 * cout];
+            gradient_lanes_sum(&lanes, &mut sums, false);
+            gradient_lanes_sum(&lanes, &mut sums, true);
+            for (i, &value) in sums.iter().enumerate() {
+                let (ci, tap, co) = (i / (9 * cout), i / cout % 9, i % cout);
+                let mut expected = 0.0;
+                for s in 0..n {
+                    let x = &x[s * cin * h * w..];
+                    for p in 0..h * w {
+                        let d = dy[s * grads + co * h * w + p] as f64;
+                        expected += d * input(x, [h, w], [ci, p / w, p % w], [tap / 3, tap % 3]);
+                    }
+                }
+                let expected = 2.0 * expected;
+                assert!(
+                    (value as f64 - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                    "{cin} -> {cout} at {h}x{w}: tap {tap} of {ci} -> {co}: {value} vs {expected}"
+                );
+            }
+        }
+    }
+}
