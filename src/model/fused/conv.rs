@@ -1761,8 +1761,8 @@ pub(super) mod flex {
     }
 
     /// [`weight_grad`] by [`direct::add_gradient_sample`]: each thread adds its samples (each
-    /// padded through `norm` into the thread's scratch) into sums of its own, lane by lane,
-    /// which it adds up once at the end.
+    /// padded through `norm` into the thread's scratch, its output gradient copied to a cache
+    /// line's start) into sums of its own, lane by lane, which it adds up once at the end.
     fn direct_weight_grad(
         g: &Geometry,
         xs: &[f32],
@@ -1776,7 +1776,8 @@ pub(super) mod flex {
             lanes.fill(0.0);
             for s in first..first + count {
                 let padded = g.padded(xs, [s, 1], &mut part.padded, false, norm);
-                direct::add_gradient_sample(padded, &dys[s * sample..][..sample], shape, lanes);
+                let dy = direct::line_aligned(&dys[s * sample..][..sample], &mut part.grads);
+                direct::add_gradient_sample(padded, dy, shape, lanes);
             }
             direct::gradient_lanes_sum(lanes, &mut part.sum, accumulate);
         })
