@@ -1721,16 +1721,15 @@ pub(super) mod flex {
     }
 
     /// Whether [`convolve`] takes [`direct_convolve`]: a 3x3, stride-1, padding-1 convolution
-    /// that [`direct::applies`] to, of at most [`DIRECT_MAX_CHANNELS`] channels (in bf16, as
-    /// narrow as [`takes_winograd`] allows).
+    /// that [`direct::applies`] to, with at most [`DIRECT_MAX_CHANNELS`] channels on one side
+    /// (a stem's three inputs) and, in bf16, as narrow as [`takes_winograd`] allows.
     fn takes_direct(g: &Geometry, bf16: bool) -> bool {
-        let channels = g.cin.max(g.cout);
         [g.kh, g.kw] == [3, 3]
             && g.stride == [1, 1]
             && g.pad == [1, 1]
             && direct::applies(g.cout, g.wo)
-            && channels <= DIRECT_MAX_CHANNELS
-            && (!bf16 || channels <= BF16_WINOGRAD_MAX_CHANNELS)
+            && g.cin.min(g.cout) <= DIRECT_MAX_CHANNELS
+            && (!bf16 || g.cin.max(g.cout) <= BF16_WINOGRAD_MAX_CHANNELS)
     }
 
     /// [`convolve`] by [`direct::forward_sample`], sample by sample in parallel: each padded
