@@ -1742,12 +1742,13 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
         sums: &OutputSums,
     ) -> Vec<f32> {
-        let sample = g.cout * g.positions();
+        let (sample, image) = (g.cout * g.positions(), g.cin * g.h * g.w);
         // SAFETY: `forward_sample` writes every value of the sample's output.
         unsafe {
             written_by_runs(g.n * sample, sample, |s, out| {
                 with_scratch(|scratch| {
-                    let padded = g.padded(xs, [s, 1], &mut scratch.padded, false, norm);
+                    let padded = prefix(&mut scratch.padded, g.cin * (g.h + 2) * (g.w + 2));
+                    direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
                     direct::forward_sample(padded, packed, [g.cin, g.cout, g.ho, g.wo], out);
                 });
                 // SAFETY: written just above.
@@ -1768,13 +1769,14 @@ pub(super) mod flex {
         dys: &[f32],
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
-        let (cout, sample) = (g.cout, g.cout * g.positions());
+        let (cout, sample, image) = (g.cout, g.cout * g.positions(), g.cin * g.h * g.w);
         let shape = [g.cin, cout, g.ho, g.wo];
         summed_by_threads(g, g.n, |part, [first, count], accumulate| {
             let lanes = prefix(&mut part.im2col, g.taps() * cout * direct::LANES);
             lanes.fill(0.0);
+            let padded = prefix(&mut part.padded, g.cin * (g.h + 2) * (g.w + 2));
             for s in first..first + count {
-                let padded = g.padded(xs, [s, 1], &mut part.padded, false, norm);
+                direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
                 let dy = direct::line_aligned(&dys[s * sample..][..sample], &mut part.grads);
                 direct::add_gradient_sample(padded, dy, shape, lanes);
             }

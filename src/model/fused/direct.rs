@@ -8,6 +8,7 @@
 //! from L1: a block of output rows of a few output channels stays in registers over all input
 //! channels and taps.
 
+use super::batch_norm::flex::ChannelNorm;
 use super::{Level, level};
 
 /// Floats per AVX-512 vector.
@@ -97,6 +98,78 @@ pub(super) fn forward_sample(
                 rows!(2, 3);
                 rows!(2, 1);
             }
+        }
+    }
+}
+
+/// One sample `[C_in, H, W]` as the kernels read it, `[C_in, H + 2, W + 2]` with a zero border,
+/// each value through `norm` when given (as [`ChannelNorm::channel`] computes it, with no
+/// residual): rows of whole vectors, copied and normalised a vector at a time (the general
+/// padded copy called `memcpy` per row of 16 or 32 values, a quarter of the direct forward's
+/// time).
+pub(super) fn pad_sample(
+    x: &[f32],
+    [cin, h, w]: [usize; 3],
+    norm: Option<&ChannelNorm>,
+    padded: &mut [f32],
+) {
+    assert!(
+        w.is_multiple_of(LANES) && level() == Level::Avx512,
+        "rows of whole vectors"
+    );
+    assert_eq!(x.len(), cin * h * w, "input size");
+    let pitch = w + 2;
+    assert_eq!(padded.len(), cin * (h + 2) * pitch, "padded size");
+    for (c, (plane, out)) in x
+        .chunks_exact(h * w)
+        .zip(padded.chunks_exact_mut((h + 2) * pitch))
+        .enumerate()
+    {
+        out[..pitch].fill(0.0);
+        out[(h + 1) * pitch..].fill(0.0);
+        let affine = norm.map(|norm| (norm.affine(c), norm.relu()));
+        for (row, out) in plane
+            .chunks_exact(w)
+            .zip(out[pitch..].chunks_exact_mut(pitch))
+        {
+            out[0] = 0.0;
+            out[w + 1] = 0.0;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 is asserted above, and both rows hold `w` values from where
+            // they are passed.
+            unsafe {
+                padded_row(row, &mut out[1..=w], affine)
+            };
+        }
+    }
+}
+
+/// `row` (whole vectors) into `out`, through `(v - mean) scale + beta` and a ReLU when
+/// `affine` gives them (`([mean, scale, beta], relu)`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn padded_row(row: &[f32], out: &mut [f32], affine: Option<([f32; 3], bool)>) {
+    use std::arch::x86_64::{
+        _CMP_LE_OQ, _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_loadu_ps, _mm512_mask_mov_ps,
+        _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps, _mm512_sub_ps,
+    };
+    for (values, out) in row.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
+        // SAFETY: both chunks are a whole vector.
+        unsafe {
+            let mut v = _mm512_loadu_ps(values.as_ptr());
+            if let Some(([mean, scale, beta], relu)) = affine {
+                // The same operations, in the same order, as `ChannelNorm::channel`.
+                let y = _mm512_mul_ps(
+                    _mm512_sub_ps(v, _mm512_set1_ps(mean)),
+                    _mm512_set1_ps(scale),
+                );
+                v = _mm512_add_ps(y, _mm512_set1_ps(beta));
+                if relu {
+                    let zero = _mm512_setzero_ps();
+                    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, zero), zero);
+                }
+            }
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
         }
     }
 }
@@ -321,6 +394,45 @@ mod tests {
     /// plus 1) and of two (blocks of 3 and 1: 32 = 10 x 3 + 2 x 1), three input channels as the
     /// stem has, and two blocks of output channels.
     const SHAPES: [[usize; 4]; 3] = [[5, 16, 16, 16], [3, 8, 32, 32], [2, 8, 7, 16]];
+
+    #[test]
+    fn padding_borders_with_zeros_and_normalises_as_the_norm_does() {
+        if level() != Level::Avx512 {
+            return;
+        }
+        let [cin, h, w] = [3, 5, 32];
+        let x = super::super::test_values(cin * h * w, 5);
+        let norms = [
+            None,
+            Some(ChannelNorm::new(
+                [&[0.1, -0.2, 0.3], &[1.0, 0.5, 2.0]],
+                [&[1.5, 0.7, 1.0], &[0.2, -0.1, 0.0]],
+                1e-5,
+                true,
+            )),
+            Some(ChannelNorm::new(
+                [&[0.1, -0.2, 0.3], &[1.0, 0.5, 2.0]],
+                [&[1.5, 0.7, 1.0], &[0.2, -0.1, 0.0]],
+                1e-5,
+                false,
+            )),
+        ];
+        for norm in &norms {
+            let mut out = vec![f32::NAN; cin * (h + 2) * (w + 2)];
+            pad_sample(&x, [cin, h, w], norm.as_ref(), &mut out);
+            let mut expected = padded(&x, [1, cin, h, w]);
+            if let Some(norm) = norm {
+                for (i, value) in x.iter().enumerate() {
+                    let (c, y, xx) = (i / (h * w), i / w % h, i % w);
+                    expected[(c * (h + 2) + y + 1) * (w + 2) + xx + 1] =
+                        norm.channel(c)(*value, 0.0);
+                }
+            }
+            // Bit for bit, +0.0 and -0.0 alike (no NaN left from the fill).
+            let bits = |v: &[f32]| v.iter().map(|v| (*v + 0.0).to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&expected), "norm {}", norm.is_some());
+        }
+    }
 
     #[test]
     fn forward_is_the_convolution_sum() {
