@@ -2,11 +2,11 @@
 //! in AVX-512 registers: each output row is one or two vectors, so the input rows are read as
 //! they lie in the padded NCHW planes, with no channels-last copy, no transform and no im2col.
 //!
-//! At 16 and 32 channels Winograd's transforms and copies cost more than the products they
-//! save (the F(4x4, 3x3) forward of the 16-channel 32x32 layers of a width-0.25 ResNet-18 ran
-//! at about a quarter of the FMA peak); here every FMA does useful work, and the operands come
-//! from L1: a block of output rows of a few output channels stays in registers over all input
-//! channels and taps.
+//! At 16 channels Winograd's transforms and copies cost more than the products they save (the
+//! F(4x4, 3x3) forward of the 16-channel 32x32 layers of a width-0.25 ResNet-18 ran at about a
+//! quarter of the FMA peak; at 32 channels Winograd is ahead again); here every FMA does
+//! useful work, and the operands come from L1: a block of output rows of a few output channels
+//! stays in registers over all input channels and taps.
 
 use super::batch_norm::flex::ChannelNorm;
 use super::{Level, level};
@@ -20,9 +20,9 @@ const CHANNELS: usize = 4;
 /// kernel row) for each.
 const GRADIENT_CHANNELS: usize = 8;
 
-/// Whether the direct kernels take a 3x3, stride-1, padding-1 convolution of `cin -> cout`
-/// channels with output rows of `w` values: rows of whole vectors (one or two), output channels
-/// in whole register blocks, and AVX-512.
+/// Whether the direct kernels take a 3x3, stride-1, padding-1 convolution to `cout` channels
+/// with output rows of `w` values: rows of whole vectors (one or two), output channels in whole
+/// register blocks (of both kernels), and AVX-512.
 pub(super) fn applies(cout: usize, w: usize) -> bool {
     w.is_multiple_of(LANES)
         && (1..=2).contains(&(w / LANES))
