@@ -1,5 +1,5 @@
-//! Direct 3x3 convolutions (stride 1, padding 1) of narrow layers on rows of 16 or 32 values,
-//! in AVX-512 registers: each output row is one or two vectors, so the input rows are read as
+//! Direct 3x3 convolutions (stride 1, padding 1) of narrow layers on rows of 16 to 64 values,
+//! in AVX-512 registers: each output row is one to four vectors, so the input rows are read as
 //! they lie in the padded NCHW planes, with no channels-last copy, no transform and no im2col.
 //!
 //! At 16 channels Winograd's transforms and copies cost more than the products they save (the
@@ -21,11 +21,11 @@ const CHANNELS: usize = 4;
 const GRADIENT_CHANNELS: usize = 8;
 
 /// Whether the direct kernels take a 3x3, stride-1, padding-1 convolution to `cout` channels
-/// with output rows of `w` values: rows of whole vectors (one or two), output channels in whole
+/// with output rows of `w` values: rows of whole vectors (one to four), output channels in whole
 /// register blocks (of both kernels), and AVX-512.
 pub(super) fn applies(cout: usize, w: usize) -> bool {
     w.is_multiple_of(LANES)
-        && (1..=2).contains(&(w / LANES))
+        && (1..=4).contains(&(w / LANES))
         && cout.is_multiple_of(GRADIENT_CHANNELS)
         && level() == Level::Avx512
 }
@@ -90,13 +90,23 @@ pub(super) fn forward_sample(
                     }
                 }};
             }
-            if w == LANES {
-                rows!(1, 6);
-                rows!(1, 3);
-                rows!(1, 1);
-            } else {
-                rows!(2, 3);
-                rows!(2, 1);
+            match w / LANES {
+                1 => {
+                    rows!(1, 6);
+                    rows!(1, 3);
+                    rows!(1, 1);
+                }
+                2 => {
+                    rows!(2, 3);
+                    rows!(2, 1);
+                }
+                3 => {
+                    rows!(3, 2);
+                    rows!(3, 1);
+                }
+                _ => {
+                    rows!(4, 1);
+                }
             }
         }
     }
@@ -270,10 +280,11 @@ pub(super) fn add_gradient_sample(
                     let x = padded.as_ptr().add(ci * plane + kh * pitch);
                     let dy = dy.as_ptr().add(first * h * w);
                     let lanes = lanes.as_mut_ptr().add((taps + first) * LANES);
-                    if w == LANES {
-                        gradient_rows::<1>(x, dy, &shape, lanes);
-                    } else {
-                        gradient_rows::<2>(x, dy, &shape, lanes);
+                    match w / LANES {
+                        1 => gradient_rows::<1>(x, dy, &shape, lanes),
+                        2 => gradient_rows::<2>(x, dy, &shape, lanes),
+                        3 => gradient_rows::<3>(x, dy, &shape, lanes),
+                        _ => gradient_rows::<4>(x, dy, &shape, lanes),
                     }
                 }
             }
@@ -391,9 +402,16 @@ mod tests {
     }
 
     /// Sizes the kernels take: rows of one vector (blocks of 6, 3 and 1 rows: 16 is 6 + 6 + 3
-    /// plus 1) and of two (blocks of 3 and 1: 32 = 10 x 3 + 2 x 1), three input channels as the
-    /// stem has, and two blocks of output channels.
-    const SHAPES: [[usize; 4]; 3] = [[5, 16, 16, 16], [3, 8, 32, 32], [2, 8, 7, 16]];
+    /// plus 1), of two (blocks of 3 and 1: 32 = 10 x 3 + 2 x 1), of three (blocks of 2 and 1)
+    /// and of four (blocks of 1), three input channels as the stem has, and two blocks of
+    /// output channels.
+    const SHAPES: [[usize; 4]; 5] = [
+        [5, 16, 16, 16],
+        [3, 8, 32, 32],
+        [2, 8, 7, 16],
+        [2, 8, 5, 48],
+        [3, 8, 3, 64],
+    ];
 
     #[test]
     fn padding_borders_with_zeros_and_normalises_as_the_norm_does() {
