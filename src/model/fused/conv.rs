@@ -1722,12 +1722,12 @@ pub(super) mod flex {
         tensor(values, Shape::new([g.n, g.cin, g.h, g.w]))
     }
 
-    /// Whether [`convolve`] takes [`direct_convolve`]: a 3x3, stride-1, padding-1 convolution
-    /// that [`direct::applies`] to, with at most [`DIRECT_MAX_CHANNELS`] channels on one side
-    /// (a stem's three inputs) and, in bf16, as narrow as [`takes_winograd`] allows.
+    /// Whether [`convolve`] takes [`direct_convolve`]: a 3x3, padding-1 convolution of stride 1
+    /// or 2 that [`direct::applies`] to, with at most [`DIRECT_MAX_CHANNELS`] channels on one
+    /// side (a stem's three inputs) and, in bf16, as narrow as [`takes_winograd`] allows.
     fn takes_direct(g: &Geometry, bf16: bool) -> bool {
         [g.kh, g.kw] == [3, 3]
-            && g.stride == [1, 1]
+            && (g.stride == [1, 1] || g.stride == [2, 2])
             && g.pad == [1, 1]
             && direct::applies(g.cout, g.wo)
             && g.cin.min(g.cout) <= DIRECT_MAX_CHANNELS
@@ -1744,14 +1744,14 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
         sums: &OutputSums,
     ) -> Vec<f32> {
-        let (sample, image) = (g.cout * g.positions(), g.cin * g.h * g.w);
+        let sample = g.cout * g.positions();
         // SAFETY: `forward_sample` writes every value of the sample's output.
         unsafe {
             written_by_runs(g.n * sample, sample, |s, out| {
                 with_scratch(|scratch| {
-                    let padded = prefix(&mut scratch.padded, g.cin * (g.h + 2) * (g.w + 2));
-                    direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
-                    direct::forward_sample(padded, packed, [g.cin, g.cout, g.ho, g.wo], out);
+                    let (padded, layout) = direct_padded(g, xs, s, norm, &mut scratch.padded);
+                    let shape = [g.cin, g.cout, g.ho, g.wo];
+                    direct::forward_sample(padded, layout, packed, shape, out);
                 });
                 // SAFETY: written just above.
                 sums.add(
@@ -1772,19 +1772,44 @@ pub(super) mod flex {
         dys: &[f32],
         norm: Option<&ChannelNorm>,
     ) -> Vec<f32> {
-        let (cout, sample, image) = (g.cout, g.cout * g.positions(), g.cin * g.h * g.w);
+        let (cout, sample) = (g.cout, g.cout * g.positions());
         let shape = [g.cin, cout, g.ho, g.wo];
         summed_by_threads(g, g.n, |part, [first, count], accumulate| {
             let lanes = prefix(&mut part.im2col, g.taps() * cout * direct::LANES);
             lanes.fill(0.0);
-            let padded = prefix(&mut part.padded, g.cin * (g.h + 2) * (g.w + 2));
             for s in first..first + count {
-                direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
+                let (padded, layout) = direct_padded(g, xs, s, norm, &mut part.padded);
                 let dy = direct::line_aligned(&dys[s * sample..][..sample], &mut part.grads);
-                direct::add_gradient_sample(padded, dy, shape, lanes);
+                direct::add_gradient_sample(padded, layout, dy, shape, lanes);
             }
             direct::gradient_lanes_sum(lanes, &mut part.sum, accumulate);
         })
+    }
+
+    /// Sample `s` padded (through `norm`) for the direct kernels, in `buffer`, and how it lies:
+    /// at stride 1 by [`direct::pad_sample`], strided split into phases by
+    /// [`Geometry::padded`].
+    fn direct_padded<'a>(
+        g: &Geometry,
+        xs: &'a [f32],
+        s: usize,
+        norm: Option<&ChannelNorm>,
+        buffer: &'a mut Vec<f32>,
+    ) -> (&'a [f32], direct::Padding) {
+        if g.stride == [1, 1] {
+            let image = g.cin * g.h * g.w;
+            let padded = prefix(buffer, g.cin * (g.h + 2) * (g.w + 2));
+            direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
+            return (padded, direct::Padding::unstrided([g.h, g.w]));
+        }
+        let [rows, pitch, phase] = g.padded_plane();
+        let layout = direct::Padding {
+            stride: g.stride[1],
+            rows,
+            pitch,
+            phase,
+        };
+        (g.padded(xs, [s, 1], buffer, false, norm), layout)
     }
 
     /// Whether [`convolve`] takes [`winograd_convolve`]. Its transforms and copies cost per
@@ -2368,12 +2393,15 @@ mod tests {
             (3, 1, 1, 8, [16, 16]),
             (3, 1, 1, 8, [16, 32]),
             (3, 1, 1, 4, [32, 64]),
-            // On AVX-512, rows of 16 and 32 at up to 16 channels take the direct kernels: one
-            // vector a row (blocks of 6, 3 and 1 rows; the input gradient too, channels
+            // On AVX-512, rows of 16 and 32 with up to 16 channels on one side take the direct
+            // kernels: one vector a row (blocks of 6, 3 and 1 rows; the input gradient too, channels
             // swapped) and two (blocks of 3 and 1; the stem's 3 input channels, whose input
             // gradient of 3 channels takes Winograd).
             (3, 1, 1, 16, [8, 16]),
             (3, 1, 1, 32, [3, 8]),
+            // At stride 2 too, the forward and weight gradient, from the phase-split padding
+            // (the input gradient by col2im).
+            (3, 2, 1, 32, [8, 16]),
         ] {
             let conv = test_conv([cin, cout], kernel, stride, pad, &device);
             let x = Tensor::<4>::random(

@@ -1,6 +1,7 @@
-//! Direct 3x3 convolutions (stride 1, padding 1) of narrow layers on rows of 16 to 64 values,
-//! in AVX-512 registers: each output row is one to four vectors, so the input rows are read as
-//! they lie in the padded NCHW planes, with no channels-last copy, no transform and no im2col.
+//! Direct 3x3 convolutions (padding 1, stride 1 or 2) of narrow layers on output rows of 16 to
+//! 64 values, in AVX-512 registers: each output row is one to four vectors, so the input rows
+//! are read as they lie in the padded NCHW planes (strided: split into phases, see
+//! [`Padding`]), with no channels-last copy, no transform and no im2col.
 //!
 //! At 16 channels Winograd's transforms and copies cost more than the products they save (the
 //! F(4x4, 3x3) forward of the 16-channel 32x32 layers of a width-0.25 ResNet-18 ran at about a
@@ -20,9 +21,9 @@ const CHANNELS: usize = 4;
 /// kernel row) for each.
 const GRADIENT_CHANNELS: usize = 8;
 
-/// Whether the direct kernels take a 3x3, stride-1, padding-1 convolution to `cout` channels
-/// with output rows of `w` values: rows of whole vectors (one to four), output channels in whole
-/// register blocks (of both kernels), and AVX-512.
+/// Whether the direct kernels take a 3x3, padding-1 convolution to `cout` channels with output
+/// rows of `w` values: rows of whole vectors (one to four), output channels in whole register
+/// blocks (of both kernels), and AVX-512.
 pub(super) fn applies(cout: usize, w: usize) -> bool {
     w.is_multiple_of(LANES)
         && (1..=4).contains(&(w / LANES))
@@ -48,23 +49,70 @@ pub(super) fn pack_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32>
     packed
 }
 
-/// One sample's output `[C_out, H, W]` from its padded input `[C_in, H + 2, W + 2]` and the
+/// How a sample's padded input lies, as `Geometry::padded` makes it: `[C_in, rows, pitch]`,
+/// each padded row's columns split into `stride` phases of `phase` values (columns `x` with `x
+/// % stride == p` together, in order), so that the input under each tap at a run of output
+/// columns is a contiguous run at any stride.
+#[derive(Clone, Copy)]
+pub(super) struct Padding {
+    pub(super) stride: usize,
+    pub(super) rows: usize,
+    pub(super) pitch: usize,
+    pub(super) phase: usize,
+}
+
+impl Padding {
+    /// Stride 1: `[C_in, H + 2, W + 2]`, as [`pad_sample`] makes it.
+    pub(super) fn unstrided([h, w]: [usize; 2]) -> Self {
+        Padding {
+            stride: 1,
+            rows: h + 2,
+            pitch: w + 2,
+            phase: w + 2,
+        }
+    }
+
+    fn plane(&self) -> usize {
+        self.rows * self.pitch
+    }
+
+    /// Where in a padded row the input under taps `kw = 0, 1, 2` of output column 0 lies.
+    fn taps(&self) -> [usize; 3] {
+        let tap = |kw: usize| kw % self.stride * self.phase + kw / self.stride;
+        [tap(0), tap(1), tap(2)]
+    }
+
+    /// Asserts that `h x w` outputs read within a plane, and that `padded` holds `cin` planes.
+    fn check(&self, padded: &[f32], cin: usize, [h, w]: [usize; 2]) {
+        assert!(padded.len() >= cin * self.plane(), "padded input size");
+        assert!((h - 1) * self.stride + 3 <= self.rows, "padded rows");
+        assert!(
+            self.taps().iter().all(|&t| t + w <= self.pitch),
+            "padded row length"
+        );
+    }
+}
+
+/// One sample's output `[C_out, H, W]` from its padded input (laid out as `layout`) and the
 /// [`pack_weights`] weights.
 pub(super) fn forward_sample(
     padded: &[f32],
+    layout: Padding,
     packed: &[f32],
     [cin, cout, h, w]: [usize; 4],
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     assert!(applies(cout, w), "direct convolution of rows of {w}");
-    let (pitch, plane) = (w + 2, (h + 2) * (w + 2));
-    assert!(padded.len() >= cin * plane, "padded input size");
+    layout.check(padded, cin, [h, w]);
     assert_eq!(packed.len(), cout * cin * 9, "packed weights size");
     assert_eq!(out.len(), cout * h * w, "output size");
     let out = out.as_mut_ptr() as *mut f32;
+    let row_step = layout.stride * layout.pitch;
     let shape = Rows {
-        pitch,
-        plane,
+        pitch: layout.pitch,
+        row_step,
+        taps: layout.taps(),
+        plane: layout.plane(),
         cin,
         w,
         out_plane: h * w,
@@ -72,8 +120,9 @@ pub(super) fn forward_sample(
     for block in 0..cout / CHANNELS {
         let weights = packed[block * cin * 9 * CHANNELS..].as_ptr();
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: each call reads rows `y..y + rows + 2` of the `cin` padded planes (asserted
-        // above) and writes rows `y..y + rows` of this block's output channels, within `out`.
+        // SAFETY: each call reads the padded rows under output rows `y..y + rows` of the `cin`
+        // planes (within them, as checked above) and writes those output rows of this block's
+        // channels, within `out`.
         unsafe {
             let out = out.add(block * CHANNELS * h * w);
             let mut y = 0;
@@ -81,7 +130,7 @@ pub(super) fn forward_sample(
                 ($v:literal, $r:literal) => {{
                     while h - y >= $r {
                         output_rows::<$v, $r>(
-                            padded.as_ptr().add(y * pitch),
+                            padded.as_ptr().add(y * row_step),
                             &shape,
                             weights,
                             out.add(y * w),
@@ -184,9 +233,12 @@ fn padded_row(row: &[f32], out: &mut [f32], affine: Option<([f32; 3], bool)>) {
     }
 }
 
-/// Strides of a sample's padded input and output.
+/// Strides of a sample's padded input and output: a padded row's length, the padded rows
+/// between output rows, the input under each tap within a row ([`Padding::taps`]).
 struct Rows {
     pitch: usize,
+    row_step: usize,
+    taps: [usize; 3],
     plane: usize,
     cin: usize,
     w: usize,
@@ -220,7 +272,7 @@ unsafe fn output_rows<const V: usize, const R: usize>(
                         *w = _mm512_set1_ps(*tap.add(c));
                     }
                     for (r, sums) in sums.iter_mut().enumerate() {
-                        let row = rows.add((r + kh) * shape.pitch + kw);
+                        let row = rows.add(r * shape.row_step + kh * shape.pitch + shape.taps[kw]);
                         for (v, sums) in sums.iter_mut().enumerate() {
                             let x = _mm512_loadu_ps(row.add(v * LANES));
                             for (sum, &w) in sums.iter_mut().zip(&tap_weights) {
@@ -246,20 +298,22 @@ unsafe fn output_rows<const V: usize, const R: usize>(
 
 /// Adds one sample's weight gradient to `lanes` (`[C_in * 9, C_out, LANES]`: each tap and
 /// output channel's sums still spread over the vector's lanes, see [`gradient_lanes_sum`]),
-/// from its padded input `[C_in, H + 2, W + 2]` and output gradient `[C_out, H, W]`.
+/// from its padded input (laid out as `layout`) and output gradient `[C_out, H, W]`.
 pub(super) fn add_gradient_sample(
     padded: &[f32],
+    layout: Padding,
     dy: &[f32],
     [cin, cout, h, w]: [usize; 4],
     lanes: &mut [f32],
 ) {
     assert!(applies(cout, w), "direct convolution of rows of {w}");
-    let (pitch, plane) = (w + 2, (h + 2) * (w + 2));
-    assert!(padded.len() >= cin * plane, "padded input size");
+    layout.check(padded, cin, [h, w]);
     assert_eq!(dy.len(), cout * h * w, "output gradient size");
     assert_eq!(lanes.len(), cin * 9 * cout * LANES, "gradient lanes size");
+    let (pitch, plane) = (layout.pitch, layout.plane());
     let shape = GradientRows {
-        pitch,
+        row_step: layout.stride * pitch,
+        taps: layout.taps(),
         h,
         w,
         out_plane: h * w,
@@ -272,7 +326,7 @@ pub(super) fn add_gradient_sample(
             for kh in 0..3 {
                 let taps = (ci * 9 + kh * 3) * cout;
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: reads rows `kh..kh + h` of padded plane `ci` and the output
+                // SAFETY: reads the rows under kernel row `kh` of padded plane `ci` and the output
                 // gradient of channels `first..first + GRADIENT_CHANNELS` (asserted sizes, and
                 // `applies` keeps the block whole); adds to the lanes of taps `(ci, kh, 0..3)`
                 // of those channels.
@@ -321,9 +375,10 @@ pub(super) fn gradient_lanes_sum(lanes: &[f32], sums: &mut [f32], accumulate: bo
     }
 }
 
-/// Strides of a sample's padded input and output gradient.
+/// Strides of a sample's padded input (as in [`Rows`]) and output gradient.
 struct GradientRows {
-    pitch: usize,
+    row_step: usize,
+    taps: [usize; 3],
     h: usize,
     w: usize,
     out_plane: usize,
@@ -349,11 +404,11 @@ unsafe fn gradient_rows<const V: usize>(
         for v in 0..V {
             // SAFETY (all pointer arithmetic below): within the caller's asserted sizes.
             unsafe {
-                let row = x.add(y * shape.pitch + v * LANES);
+                let row = x.add(y * shape.row_step + v * LANES);
                 let inputs = [
-                    _mm512_loadu_ps(row),
-                    _mm512_loadu_ps(row.add(1)),
-                    _mm512_loadu_ps(row.add(2)),
+                    _mm512_loadu_ps(row.add(shape.taps[0])),
+                    _mm512_loadu_ps(row.add(shape.taps[1])),
+                    _mm512_loadu_ps(row.add(shape.taps[2])),
                 ];
                 for (c, sums) in sums.iter_mut().enumerate() {
                     let grad =
@@ -464,6 +519,7 @@ mod tests {
             let packed = pack_weights(&weights, [cout, cin]);
             forward_sample(
                 &padded(&x, [1, cin, h, w]),
+                Padding::unstrided([h, w]),
                 &packed,
                 [cin, cout, h, w],
                 &mut out,
@@ -502,7 +558,8 @@ mod tests {
             let (image, grads) = (cin * (h + 2) * (w + 2), cout * h * w);
             for s in 0..n {
                 let (padded, dy) = (&padded[s * image..][..image], &dy[s * grads..][..grads]);
-                add_gradient_sample(padded, dy, [cin, cout, h, w], &mut lanes);
+                let layout = Padding::unstrided([h, w]);
+                add_gradient_sample(padded, layout, dy, [cin, cout, h, w], &mut lanes);
             }
             // Written, then added to: twice the sums.
             let mut sums = vec![f32::NAN; cin * 9 * cout];

@@ -542,11 +542,12 @@ mod tests {
         // one (of a subsample of its input), and a stem on
         // three channels; at an even size, the stride-1 ones take Winograd (in bf16, at 32
         // channels and 16 wide, the AMX convolution of planes of channel pairs; at 96, the AMX
-        // weight gradient from flat positions); 16 wide at 8 to 16 channels, on AVX-512, the
-        // direct kernels.
+        // weight gradient from flat positions); 16 output columns at 8 to 16 channels, on
+        // AVX-512, the direct kernels (at stride 1 and 2).
         for (pair, cin, cout, kernel, stride, size) in [
             (Pair::NormReluConv, 6, 8, 3, 1, 7),
             (Pair::NormReluConv, 8, 16, 3, 1, 16),
+            (Pair::NormReluConv, 8, 16, 3, 2, 32),
             (Pair::NormReluConv, 32, 32, 3, 1, 16),
             (Pair::NormReluConv, 96, 96, 3, 1, 8),
             (Pair::NormReluConv, 6, 8, 3, 1, 8),
