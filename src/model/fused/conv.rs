@@ -220,8 +220,8 @@ pub(super) mod flex {
     const BF16_TILE_POSITIONS: usize = 128;
     #[cfg(test)]
     const BF16_TILE_POSITIONS: usize = 7;
-    /// The most channels on its narrower side (in or out) at which a 3x3 stride-1 convolution
-    /// takes the direct kernels (`takes_direct`) rather than Winograd: in the width-0.25
+    /// The most channels on its narrower side (in or out) at which a 3x3 convolution takes the
+    /// direct kernels (`takes_direct`) rather than Winograd: in the width-0.25
     /// step, the 32-channel layers' forwards took 2.5-2.6 ms a call direct against 1.9-2.2
     /// by Winograd.
     const DIRECT_MAX_CHANNELS: usize = 16;
@@ -1132,7 +1132,8 @@ pub(super) mod flex {
         sum: Vec<f32>,
         row: Vec<f32>,
         padded: Vec<f32>,
-        /// f32: the chunk's im2col and (for several samples) its `dy`.
+        /// f32: the chunk's im2col and (for several samples) its `dy` (in the direct weight
+        /// gradient: its lanes, and each sample's line-aligned `dy`).
         im2col: Vec<f32>,
         grads: Vec<f32>,
         /// bf16: packed operands.
@@ -1796,12 +1797,6 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
         buffer: &'a mut Vec<f32>,
     ) -> (&'a [f32], direct::Padding) {
-        if g.stride == [1, 1] {
-            let image = g.cin * g.h * g.w;
-            let padded = prefix(buffer, g.cin * (g.h + 2) * (g.w + 2));
-            direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
-            return (padded, direct::Padding::unstrided([g.h, g.w]));
-        }
         let [rows, pitch, phase] = g.padded_plane();
         let layout = direct::Padding {
             stride: g.stride[1],
@@ -1809,6 +1804,12 @@ pub(super) mod flex {
             pitch,
             phase,
         };
+        if g.stride == [1, 1] {
+            let image = g.cin * g.h * g.w;
+            let padded = prefix(buffer, g.cin * rows * pitch);
+            direct::pad_sample(&xs[s * image..][..image], [g.cin, g.h, g.w], norm, padded);
+            return (padded, layout);
+        }
         (g.padded(xs, [s, 1], buffer, false, norm), layout)
     }
 

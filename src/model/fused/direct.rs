@@ -62,16 +62,6 @@ pub(super) struct Padding {
 }
 
 impl Padding {
-    /// Stride 1: `[C_in, H + 2, W + 2]`, as [`pad_sample`] makes it.
-    pub(super) fn unstrided([h, w]: [usize; 2]) -> Self {
-        Padding {
-            stride: 1,
-            rows: h + 2,
-            pitch: w + 2,
-            phase: w + 2,
-        }
-    }
-
     fn plane(&self) -> usize {
         self.rows * self.pitch
     }
@@ -435,6 +425,16 @@ unsafe fn gradient_rows<const V: usize>(
 mod tests {
     use super::*;
 
+    /// Stride 1: `[C_in, H + 2, W + 2]`, as [`pad_sample`] makes it.
+    fn unstrided([h, w]: [usize; 2]) -> Padding {
+        Padding {
+            stride: 1,
+            rows: h + 2,
+            pitch: w + 2,
+            phase: w + 2,
+        }
+    }
+
     /// `[N, C, H + 2, W + 2]` copies of `[N, C, H, W]` values with a zero border.
     fn padded(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
         let mut out = vec![0.0; n * c * (h + 2) * (w + 2)];
@@ -519,7 +519,7 @@ mod tests {
             let packed = pack_weights(&weights, [cout, cin]);
             forward_sample(
                 &padded(&x, [1, cin, h, w]),
-                Padding::unstrided([h, w]),
+                unstrided([h, w]),
                 &packed,
                 [cin, cout, h, w],
                 &mut out,
@@ -558,7 +558,7 @@ mod tests {
             let (image, grads) = (cin * (h + 2) * (w + 2), cout * h * w);
             for s in 0..n {
                 let (padded, dy) = (&padded[s * image..][..image], &dy[s * grads..][..grads]);
-                let layout = Padding::unstrided([h, w]);
+                let layout = unstrided([h, w]);
                 add_gradient_sample(padded, layout, dy, [cin, cout, h, w], &mut lanes);
             }
             // Written, then added to: twice the sums.
