@@ -1206,7 +1206,7 @@ pub(super) mod flex {
             options: ConvOptions<2>,
             bf16: bool,
         ) -> FloatTensor<Self> {
-            convolve(x, weight, options, bf16, None)
+            convolve(x, weight, options, bf16, None, Output::Normalised)
         }
 
         /// Per chunk of samples: `dy [C_out, S * P] x im2col^T [S * P, taps]`, summed into one
@@ -1263,6 +1263,7 @@ pub(super) mod flex {
                     ),
                     bf16,
                     None,
+                    Output::Gradient,
                 );
             }
             let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
@@ -1373,6 +1374,15 @@ pub(super) mod flex {
         tensor(flipped, Shape::new([cin, cout, ws[2], ws[3]]))
     }
 
+    /// What a convolution's output is, and so whether [`convolve`] takes its [`OutputSums`].
+    #[derive(Clone, Copy, PartialEq)]
+    pub(in crate::model::fused) enum Output {
+        /// Activations, which a BatchNorm reads next: their sums are taken.
+        Normalised,
+        /// An input gradient (a stride-1 one is a convolution), which no norm reads.
+        Gradient,
+    }
+
     /// [`GemmConvOps::gemm_conv2d`] of `x` normalised by `norm` (when given) as the convolution
     /// reads it, `x` itself never normalised in memory.
     pub(in crate::model::fused) fn convolve(
@@ -1381,6 +1391,7 @@ pub(super) mod flex {
         options: ConvOptions<2>,
         bf16: bool,
         norm: Option<&ChannelNorm>,
+        output: Output,
     ) -> FloatTensor<Flex> {
         let ws = weight.layout().shape().clone();
         if !takes_gemm(x.layout().shape(), &ws, &options) {
@@ -1393,7 +1404,7 @@ pub(super) mod flex {
         let g = Geometry::new(x.layout().shape(), ws[0], [ws[2], ws[3]], &options);
         if reads_a_subsample(&g) {
             let sub = subsampled(&contiguous_f32(&x), &g);
-            return convolve(sub, weight, unstrided(), bf16, norm);
+            return convolve(sub, weight, unstrided(), bf16, norm, output);
         }
         let (positions, taps, cout) = (g.positions(), g.taps(), g.cout);
         let xs = contiguous_f32(&x);
@@ -1403,21 +1414,22 @@ pub(super) mod flex {
             let packed = step_cache::derived(&weight, "direct weights", || {
                 direct::pack_weights(&weights, [cout, g.cin])
             });
-            let sums = OutputSums::new(&g);
-            let output = direct_convolve(&g, &xs, &packed, norm, &sums);
-            return sums.kept_for(tensor(output, Shape::new([g.n, cout, g.ho, g.wo])));
+            let sums = OutputSums::new(&g, output);
+            let values = direct_convolve(&g, &xs, &packed, norm, &sums);
+            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
         }
         if takes_winograd(&g, bf16) {
-            let output = winograd_convolve(&g, &xs, &weights, norm);
-            return tensor(output, Shape::new([g.n, cout, g.ho, g.wo]));
+            let sums = OutputSums::new(&g, output);
+            let values = winograd_convolve(&g, &xs, &weights, norm, &sums);
+            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
         }
         if bf16 && takes_pair_planes(&g) {
             let packed = step_cache::derived(&weight, "tap-major A", || {
                 amx::OwnedA::packed(|buffer| pack_tap_major_weights(&g, &weights, buffer))
             });
-            let sums = OutputSums::new(&g);
-            let output = pair_planes_convolve(&g, &xs, &packed.view(), norm, &sums);
-            return sums.kept_for(tensor(output, Shape::new([g.n, cout, g.ho, g.wo])));
+            let sums = OutputSums::new(&g, output);
+            let values = pair_planes_convolve(&g, &xs, &packed.view(), norm, &sums);
+            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
         }
         let kept_weights = bf16.then(|| {
             step_cache::derived(&weight, "pair-major A", || {
@@ -1434,8 +1446,8 @@ pub(super) mod flex {
         let group = (tile_positions / positions).clamp(1, g.n);
         // Tiles of whole output rows.
         let tile_rows = (tile_positions / g.wo).clamp(1, g.ho);
-        let sums = OutputSums::new(&g);
-        let output = filled_by_runs(
+        let sums = OutputSums::new(&g, output);
+        let values = filled_by_runs(
             g.n * cout * positions,
             group * cout * positions,
             |index, block| {
@@ -1519,7 +1531,7 @@ pub(super) mod flex {
                 sums.add(index * group, block);
             },
         );
-        sums.kept_for(tensor(output, Shape::new([g.n, cout, g.ho, g.wo])))
+        sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])))
     }
 
     /// Whether [`convolve`] in bf16 takes [`pair_planes_convolve`]: sizes as
@@ -1596,7 +1608,8 @@ pub(super) mod flex {
 
     /// The [`sample_sums`] of a convolution's output, `[N, C_out, positions]`, taken from each
     /// sample where it is written, while it is in cache, for the BatchNorm that reads the
-    /// output next ([`step_cache::remember_sums`]; only while a step's caches are kept).
+    /// output next ([`step_cache::remember_sums`]; only while a step's caches are kept, and
+    /// only of [`Output::Normalised`] outputs).
     struct OutputSums {
         sums: Option<std::sync::Mutex<Vec<[f32; 3]>>>,
         cout: usize,
@@ -1604,8 +1617,9 @@ pub(super) mod flex {
     }
 
     impl OutputSums {
-        fn new(g: &Geometry) -> Self {
-            let sums = step_cache::in_scope().then(|| vec![[0f32; 3]; g.n * g.cout].into());
+        fn new(g: &Geometry, output: Output) -> Self {
+            let wanted = output == Output::Normalised && step_cache::in_scope();
+            let sums = wanted.then(|| vec![[0f32; 3]; g.n * g.cout].into());
             OutputSums {
                 sums,
                 cout: g.cout,
@@ -1836,12 +1850,13 @@ pub(super) mod flex {
     /// ([`winograd`]): per block of samples (or of tile rows, for large images), the padded
     /// input copied channels-last and transformed, 36 single-threaded GEMMs
     /// `[C_out, C_in] x [C_in, tiles]` (gemm's, or [`winograd::point_products`]), and their
-    /// products transformed into the output.
+    /// products transformed into the output, whose [`OutputSums`] each block takes then.
     fn winograd_convolve(
         g: &Geometry,
         xs: &[f32],
         weights: &[f32],
         norm: Option<&ChannelNorm>,
+        sums: &OutputSums,
     ) -> Vec<f32> {
         let (cin, cout, positions) = (g.cin, g.cout, g.positions());
         let (points, tile) = (winograd::POINTS, winograd::TILE);
@@ -1854,7 +1869,7 @@ pub(super) mod flex {
         };
         let [group, tile_rows] = g.winograd_blocks(tile, points, max_tiles);
         // SAFETY: the output transform writes every slot of its tile rows, and the tile rows
-        // cover the block.
+        // cover the block (so it is initialised where its sums read it).
         unsafe {
             written_by_runs(
                 g.n * cout * positions,
@@ -1930,7 +1945,11 @@ pub(super) mod flex {
                                 },
                             );
                         }
-                    })
+                    });
+                    // Initialised: the tile rows above wrote every slot of the block.
+                    let written =
+                        &*(block as *const [std::mem::MaybeUninit<f32>] as *const [f32]);
+                    sums.add(index * group, written);
                 },
             )
         }
@@ -2304,14 +2323,15 @@ mod tests {
     use burn::tensor::{Device, Distribution};
 
     /// Under a step's caches, a convolution keeps the per-sample sums of its output for the
-    /// norm that reads it (the bf16 pair-plane and im2col paths, and the f32 im2col and direct
-    /// ones), and they are the sums of the output it returns; the norm takes them once.
-    /// Without the caches nothing is kept.
+    /// norm that reads it (the bf16 pair-plane and im2col paths, and the f32 im2col, direct and
+    /// Winograd ones), and they are the sums of the output it returns; the norm takes them once.
+    /// Without the caches, or for an input gradient, nothing is kept.
     #[test]
     fn a_convolution_keeps_its_output_sums_for_the_next_norm() {
         use super::super::batch_norm::flex::sample_sums;
         use super::super::step_cache::{StepCacheScope, take_sums};
         use burn::tensor::Shape;
+        use flex::Output;
         let values = |len: usize| super::super::test_values(len, 3);
         let amx = super::super::amx::available();
         // (C_in, C_out, image size, stride, bf16); outputs of one position go several samples
@@ -2322,12 +2342,12 @@ mod tests {
             (32, 64, 2, 2, true),
             (6, 10, 9, 2, false),
             (6, 10, 2, 2, false),
-            // The direct kernels (on AVX-512; elsewhere Winograd, which keeps none).
+            // The direct kernels (on AVX-512; elsewhere Winograd).
             (8, 16, 16, 1, false),
+            // Winograd, point-major and (on AVX-512) tile-major, in blocks of tile rows.
+            (6, 10, 9, 1, false),
+            (16, 16, 9, 1, false),
         ] {
-            if stride == 1 && !bf16 && !super::super::direct::applies(cout, size) {
-                continue;
-            }
             if bf16 && !amx {
                 continue;
             }
@@ -2340,11 +2360,24 @@ mod tests {
             let weight =
                 super::super::tensor(values(cout * cin * 9), Shape::new([cout, cin, 3, 3]));
             let options = ConvOptions::new([stride; 2], [1, 1], [1, 1], 1);
-            let convolve =
-                || flex::convolve(x.clone(), weight.clone(), options.clone(), bf16, None);
-            assert!(take_sums(&convolve()).is_none(), "kept without a scope");
+            let convolve = |output| {
+                flex::convolve(
+                    x.clone(),
+                    weight.clone(),
+                    options.clone(),
+                    bf16,
+                    None,
+                    output,
+                )
+            };
+            assert!(
+                take_sums(&convolve(Output::Normalised)).is_none(),
+                "kept without a scope"
+            );
             let _scope = StepCacheScope::start();
-            let output = convolve();
+            let gradient = convolve(Output::Gradient);
+            assert!(take_sums(&gradient).is_none(), "kept for a gradient");
+            let output = convolve(Output::Normalised);
             let sums = take_sums(&output).expect("sums kept under a scope");
             assert!(take_sums(&output).is_none(), "taken twice");
             let shape = output.layout().shape().clone();

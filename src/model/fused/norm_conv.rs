@@ -23,7 +23,7 @@ use burn::tensor::Tensor;
 use super::batch_norm::flex::{self as bn_flex, ChannelNorm};
 use super::batch_norm::{self, FusedBatchNormOps};
 use super::contiguous_f32;
-use super::conv::flex as conv_flex;
+use super::conv::flex::{self as conv_flex, Output};
 use super::conv::{self, GemmConvOps};
 
 #[backend_extension(Flex, Autodiff)]
@@ -159,7 +159,7 @@ impl NormReluConvOps for burn::backend::Flex {
             let xs = contiguous_f32(&x);
             bn_flex::batch_norm_of(&x, &xs, [&gamma, &beta], epsilon, true)
         };
-        let output = conv_flex::convolve(x, weight, options, bf16, Some(&norm));
+        let output = conv_flex::convolve(x, weight, options, bf16, Some(&norm), Output::Normalised);
         (output, mean, variance)
     }
 
