@@ -292,13 +292,11 @@ pub(super) mod flex {
         }
 
         /// Channel `ch`'s `[mean, scale, beta]`: the norm is `(v - mean) scale + beta`.
-        #[cfg(target_arch = "x86_64")]
         pub(in crate::model::fused) fn affine(&self, ch: usize) -> [f32; 3] {
             [self.mean[ch], self.scale[ch], self.beta[ch]]
         }
 
         /// Whether a ReLU follows the norm.
-        #[cfg(target_arch = "x86_64")]
         pub(in crate::model::fused) fn relu(&self) -> bool {
             self.relu
         }

@@ -404,7 +404,8 @@ pub(super) mod flex {
 
         /// Copies samples `first..` (`padded.len()` holds as many) into `padded`, padded and
         /// phase-split, each value through `norm` when given (the padding stays zero: it pads
-        /// the normalised input).
+        /// the normalised input). Stride 2 with one column of padding and rows of an even
+        /// width, on AVX-512: by [`direct::phase_split_plane`].
         fn pad_samples(
             &self,
             xs: &[f32],
@@ -414,10 +415,18 @@ pub(super) mod flex {
         ) {
             let (h, w) = (self.h, self.w);
             let [hp, pitch, _] = self.padded_plane();
-            let phase_runs = self.column_phases();
             let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
-            for (plane, (out, image)) in padded.chunks_exact_mut(hp * pitch).zip(planes).enumerate()
-            {
+            let padded = padded.chunks_exact_mut(hp * pitch);
+            if self.stride[1] == 2 && self.pad[1] == 1 && direct::splits_phases(w) {
+                for (plane, (out, image)) in padded.zip(planes).enumerate() {
+                    let c = plane % self.cin;
+                    let affine = norm.map(|norm| (norm.affine(c), norm.relu()));
+                    direct::phase_split_plane(image, [h, w], self.pad[0], affine, out);
+                }
+                return;
+            }
+            let phase_runs = self.column_phases();
+            for (plane, (out, image)) in padded.zip(planes).enumerate() {
                 let norm = norm.map(|norm| norm.channel(plane % self.cin));
                 self.pad_plane(image, norm, &phase_runs, out);
             }
@@ -1225,7 +1234,8 @@ pub(super) mod flex {
         /// At stride 1, [`convolve`] of `dy` with [`flipped_kernel`]. Otherwise samples in
         /// parallel: `weight^T x dy` into this sample's im2col-shaped gradient,
         /// whose tap rows are added into a padded, phase-split plane (the runs im2col copies
-        /// from), which is then cropped.
+        /// from), which is then cropped (where [`Geometry::pad_samples`] splits the phases in
+        /// vectors, merged back by [`direct::phase_merge_plane`]).
         fn gemm_conv2d_input_grad(
             output_grad: FloatTensor<Self>,
             weight: FloatTensor<Self>,
@@ -1329,9 +1339,17 @@ pub(super) mod flex {
                     }
                     let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
                     let ([ph, pw], sw) = (g.pad, g.stride[1]);
+                    let merges = sw == 2 && pw == 1 && direct::splits_phases(g.w);
                     for (s, grad) in grads.chunks_exact_mut(image).enumerate() {
                         padded.fill(0.0);
                         g.add_tap_rows(columns, [width, s * positions], padded);
+                        if merges {
+                            let planes = padded.chunks_exact(hp * pitch);
+                            for (out, plane) in grad.chunks_exact_mut(g.h * g.w).zip(planes) {
+                                direct::phase_merge_plane(plane, [g.h, g.w], ph, out);
+                            }
+                            continue;
+                        }
                         // Padded column `x + pw` is value `(x + pw) / sw` of phase `(x + pw) %
                         // sw`: each phase fills the columns `sw` apart from its first.
                         let planes = padded.chunks_exact(hp * pitch);
