@@ -225,6 +225,12 @@ pub(super) mod flex {
     /// step, the 32-channel layers' forwards took 2.5-2.6 ms a call direct against 1.9-2.2
     /// by Winograd.
     const DIRECT_MAX_CHANNELS: usize = 16;
+    /// Multiply-adds per sample up to which a 1x1 convolution takes
+    /// [`direct::pointwise_sample`] instead of gemm. The downsamples of a width-0.25 ResNet-18
+    /// (128 Ki each, forward and input gradient) gain (`byol bench conv`: 16 -> 32 forward
+    /// 0.60-0.66 -> 0.45 ms with the subsample, 32 -> 64 0.44-0.48 -> 0.29-0.31, input gradients
+    /// 0.75-0.89 -> 0.53-0.62 and 0.42-0.44 -> 0.32-0.35); width 1's (2 Mi) ran no faster.
+    const POINTWISE_MAX_WORK: usize = 1 << 18;
     /// Channels times output width from which a convolution takes Winograd (`takes_winograd`);
     /// the tests take it everywhere it applies.
     #[cfg(not(test))]
@@ -1428,6 +1434,14 @@ pub(super) mod flex {
         let xs = contiguous_f32(&x);
         // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
         let weights = contiguous_f32(&weight);
+        if takes_pointwise(&g, bf16) {
+            let packed = step_cache::derived(&weight, "pointwise weights", || {
+                direct::pack_pointwise_weights(&weights, [cout, g.cin])
+            });
+            let sums = OutputSums::new(&g, output);
+            let values = pointwise_convolve(&g, &xs, &packed, norm, &sums);
+            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
+        }
         if takes_direct(&g, bf16) {
             let packed = step_cache::derived(&weight, "direct weights", || {
                 direct::pack_weights(&weights, [cout, g.cin])
@@ -1753,6 +1767,51 @@ pub(super) mod flex {
             }
         });
         tensor(values, Shape::new([g.n, g.cin, g.h, g.w]))
+    }
+
+    /// Whether [`convolve`] takes [`pointwise_convolve`]: an f32 1x1 convolution at stride 1
+    /// (a strided one reads its subsample) with no padding that [`direct::pointwise_applies`]
+    /// to, of at most [`POINTWISE_MAX_WORK`] multiply-adds per sample.
+    fn takes_pointwise(g: &Geometry, bf16: bool) -> bool {
+        [g.kh, g.kw] == [1, 1]
+            && g.stride == [1, 1]
+            && g.pad == [0, 0]
+            && direct::pointwise_applies(g.cout, g.positions())
+            && g.cin * g.cout * g.positions() <= POINTWISE_MAX_WORK
+            && !bf16
+    }
+
+    /// [`convolve`] by [`direct::pointwise_sample`], sample by sample in parallel (each
+    /// through `norm` into this thread's scratch first, when given), its output sums taken
+    /// while it is in cache.
+    fn pointwise_convolve(
+        g: &Geometry,
+        xs: &[f32],
+        packed: &[f32],
+        norm: Option<&ChannelNorm>,
+        sums: &OutputSums,
+    ) -> Vec<f32> {
+        let (image, sample) = (g.cin * g.positions(), g.cout * g.positions());
+        let shape = [g.cin, g.cout, g.positions()];
+        // SAFETY: `pointwise_sample` writes every value of the sample's output.
+        unsafe {
+            written_by_runs(g.n * sample, sample, |s, out| {
+                let x = &xs[s * image..][..image];
+                match norm {
+                    None => direct::pointwise_sample(x, packed, shape, out),
+                    Some(norm) => with_scratch(|scratch| {
+                        let normalised = prefix(&mut scratch.padded, image);
+                        direct::normalise_sample(x, [g.cin, g.positions()], norm, normalised);
+                        direct::pointwise_sample(normalised, packed, shape, out);
+                    }),
+                }
+                // SAFETY: written just above.
+                sums.add(
+                    s,
+                    &*(out as *const [std::mem::MaybeUninit<f32>] as *const [f32]),
+                );
+            })
+        }
     }
 
     /// Whether [`convolve`] takes [`direct_convolve`]: a 3x3, padding-1 convolution of stride 1
@@ -2454,6 +2513,15 @@ mod tests {
             // At stride 2 too, the forward and weight gradient, from the phase-split padding
             // (the input gradient by col2im).
             (3, 2, 1, 32, [8, 16]),
+            // On AVX-512, 1x1 convolutions of whole vectors of positions take the pointwise
+            // kernel (the input gradient too, channels swapped): planes of one vector (groups of
+            // four blocks of 4 output channels at 16, of one block at 8), of four (runs of 3
+            // and 1) and of nine (runs of 6 and 3), at stride 1 and of a stride-2 subsample.
+            (1, 1, 0, 4, [8, 16]),
+            (1, 2, 0, 8, [16, 8]),
+            (1, 1, 0, 8, [16, 8]),
+            (1, 1, 0, 12, [4, 12]),
+            (1, 2, 0, 8, [6, 16]),
         ] {
             let conv = test_conv([cin, cout], kernel, stride, pad, &device);
             let x = Tensor::<4>::random(

@@ -8,6 +8,12 @@
 //! quarter of the FMA peak; at 32 channels Winograd is ahead again); here every FMA does
 //! useful work, and the operands come from L1: a block of output rows of a few output channels
 //! stays in registers over all input channels and taps.
+//!
+//! With the same register blocking, [`pointwise_sample`] takes small 1x1 convolutions (the
+//! downsamples of narrow models). The padded copies live here too, a vector at a time: the
+//! stride-1 padding ([`pad_sample`]), the stride-2 column phases that the direct and im2col
+//! paths read ([`phase_split_plane`]) and their merge back for the strided input gradient
+//! ([`phase_merge_plane`]).
 
 use super::batch_norm::flex::ChannelNorm;
 use super::{Level, level};
@@ -148,6 +154,168 @@ pub(super) fn forward_sample(
                 }
             }
         }
+    }
+}
+
+/// Whether [`pointwise_sample`] takes a 1x1 convolution to `cout` channels of `positions`
+/// outputs per channel: whole vectors of positions, output channels in whole register
+/// blocks, and AVX-512.
+pub(super) fn pointwise_applies(cout: usize, positions: usize) -> bool {
+    positions.is_multiple_of(LANES) && cout.is_multiple_of(CHANNELS) && level() == Level::Avx512
+}
+
+/// The weights `[C_out, C_in]` of a 1x1 convolution as [`pointwise_sample`] reads them: per
+/// block of [`CHANNELS`] output channels, `[C_in, CHANNELS]`.
+pub(super) fn pack_pointwise_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
+    assert_eq!(weights.len(), cout * cin, "weights [C_out, C_in, 1, 1]");
+    assert_eq!(cout % CHANNELS, 0, "output channels in whole blocks");
+    let mut packed = vec![0.0; weights.len()];
+    for (i, value) in packed.iter_mut().enumerate() {
+        let (block, ci, c) = (i / (cin * CHANNELS), i / CHANNELS % cin, i % CHANNELS);
+        *value = weights[(block * CHANNELS + c) * cin + ci];
+    }
+    packed
+}
+
+/// One sample's output `[C_out, P]` of a 1x1 convolution of its input `[C_in, P]`, with the
+/// [`pack_pointwise_weights`] weights: per group of output-channel blocks, runs of vectors of
+/// positions summed in registers over all input channels. At 16 to 64 input channels gemm's
+/// packing and calls cost more than its products (a width-0.25 downsample ran at 40-70
+/// GFLOP/s). Planes of one or two vectors (4x4 and 8x4 images) take several blocks at once,
+/// so that 16 sums are in flight as in the longer runs.
+pub(super) fn pointwise_sample(
+    x: &[f32],
+    packed: &[f32],
+    [cin, cout, positions]: [usize; 3],
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    assert!(
+        pointwise_applies(cout, positions),
+        "1x1 convolution of {positions} positions"
+    );
+    assert_eq!(x.len(), cin * positions, "input size");
+    assert_eq!(packed.len(), cout * cin, "packed weights size");
+    assert_eq!(out.len(), cout * positions, "output size");
+    let out = out.as_mut_ptr() as *mut f32;
+    let (vectors, blocks) = (positions / LANES, cout / CHANNELS);
+    // Blocks of output channels per group.
+    let group = match vectors {
+        1 if blocks.is_multiple_of(4) => 4,
+        2 if blocks.is_multiple_of(2) => 2,
+        _ => 1,
+    };
+    let shape = Pointwise { cin, positions };
+    for first in (0..blocks).step_by(group) {
+        let weights = packed[first * cin * CHANNELS..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: each call reads vectors `v..v + R` of every input channel (within `x`, as
+        // asserted) and writes them for this group's channels, within `out`.
+        unsafe {
+            let out = out.add(first * CHANNELS * positions);
+            let mut v = 0;
+            macro_rules! runs {
+                ($r:literal, $b:literal) => {{
+                    while vectors - v >= $r {
+                        let at = v * LANES;
+                        let input = x.as_ptr().add(at);
+                        pointwise_vectors::<$r, $b>(input, &shape, weights, out.add(at));
+                        v += $r;
+                    }
+                }};
+            }
+            match group {
+                4 => runs!(1, 4),
+                2 => runs!(2, 2),
+                _ => {
+                    runs!(6, 1);
+                    runs!(3, 1);
+                    runs!(1, 1);
+                }
+            }
+        }
+    }
+}
+
+/// Strides of a sample's input and output for [`pointwise_vectors`]: channels are `positions`
+/// apart in both, blocks of packed weights `cin * CHANNELS`.
+struct Pointwise {
+    cin: usize,
+    positions: usize,
+}
+
+/// `R` vectors of positions of `B` blocks of [`CHANNELS`] output channels, summed in
+/// registers over all input channels, then stored.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pointwise_vectors<const R: usize, const B: usize>(
+    input: *const f32,
+    shape: &Pointwise,
+    weights: *const f32,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::{
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let (cin, positions) = (shape.cin, shape.positions);
+    let mut sums = [[[_mm512_setzero_ps(); CHANNELS]; B]; R];
+    for ci in 0..cin {
+        // SAFETY (all pointer arithmetic below): within the caller's asserted sizes.
+        unsafe {
+            let row = input.add(ci * positions);
+            let mut channel_weights = [[_mm512_setzero_ps(); CHANNELS]; B];
+            for (b, weights_b) in channel_weights.iter_mut().enumerate() {
+                let tap = weights.add((b * cin + ci) * CHANNELS);
+                for (c, w) in weights_b.iter_mut().enumerate() {
+                    *w = _mm512_set1_ps(*tap.add(c));
+                }
+            }
+            for (r, sums) in sums.iter_mut().enumerate() {
+                let x = _mm512_loadu_ps(row.add(r * LANES));
+                for (sums, weights_b) in sums.iter_mut().zip(&channel_weights) {
+                    for (sum, &w) in sums.iter_mut().zip(weights_b) {
+                        *sum = _mm512_fmadd_ps(w, x, *sum);
+                    }
+                }
+            }
+        }
+    }
+    for (r, sums) in sums.iter().enumerate() {
+        for (b, sums) in sums.iter().enumerate() {
+            for (c, &sum) in sums.iter().enumerate() {
+                let channel = b * CHANNELS + c;
+                // SAFETY: vector `r` of output channel `channel` of the group, within `out`.
+                unsafe { _mm512_storeu_ps(out.add(channel * positions + r * LANES), sum) }
+            }
+        }
+    }
+}
+
+/// One sample `[C_in, P]` (`P` whole vectors) through `norm` into `out`, as
+/// [`ChannelNorm::channel`] computes it with no residual: the input a 1x1 convolution that
+/// follows a norm reads.
+// `norm` goes to AVX-512 code only, which this function asserts.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub(super) fn normalise_sample(
+    x: &[f32],
+    [cin, positions]: [usize; 2],
+    norm: &ChannelNorm,
+    out: &mut [f32],
+) {
+    assert!(
+        positions.is_multiple_of(LANES) && level() == Level::Avx512,
+        "planes of whole vectors"
+    );
+    assert_eq!(x.len(), cin * positions, "input size");
+    assert_eq!(out.len(), x.len(), "output size");
+    let planes = x
+        .chunks_exact(positions)
+        .zip(out.chunks_exact_mut(positions));
+    for (c, (plane, out)) in planes.enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 is asserted above, and both planes hold `positions` values.
+        unsafe {
+            padded_row(plane, out, Some((norm.affine(c), norm.relu())))
+        };
     }
 }
 
@@ -713,6 +881,67 @@ mod tests {
                     assert_eq!(bits(&merged), bits(&x), "{h}x{w} merged back");
                 }
             }
+        }
+    }
+
+    /// 1x1 convolutions: planes of one vector (groups of four blocks, and of one where the
+    /// blocks do not divide), of two (groups of two, and of one), of four (runs of 3 and 1)
+    /// and of thirteen (runs of 6, 6 and 1), against the sums in f64.
+    #[test]
+    fn pointwise_is_the_sum_over_input_channels() {
+        if !pointwise_applies(4, 16) {
+            return;
+        }
+        for [cin, cout, positions] in [
+            [5, 16, 16],
+            [3, 8, 16],
+            [16, 8, 32],
+            [2, 4, 32],
+            [7, 12, 64],
+            [3, 4, 208],
+        ] {
+            let x = super::super::test_values(cin * positions, 7);
+            let weights = super::super::test_values(cout * cin, 8);
+            let packed = pack_pointwise_weights(&weights, [cout, cin]);
+            let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); cout * positions];
+            pointwise_sample(&x, &packed, [cin, cout, positions], &mut out);
+            for (i, value) in out.iter().enumerate() {
+                // SAFETY: `pointwise_sample` wrote it (a NaN left in place fails below).
+                let value = unsafe { value.assume_init() };
+                let (co, p) = (i / positions, i % positions);
+                let expected: f64 = (0..cin)
+                    .map(|ci| weights[co * cin + ci] as f64 * x[ci * positions + p] as f64)
+                    .sum();
+                assert!(
+                    (value as f64 - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
+                    "{cin} -> {cout} over {positions}: output {i} {value} vs {expected}"
+                );
+            }
+        }
+    }
+
+    /// Through the norm, bit for bit as `ChannelNorm::channel` computes it.
+    #[test]
+    fn a_sample_is_normalised_as_the_norm_does() {
+        if !pointwise_applies(4, 16) {
+            return;
+        }
+        let [cin, positions] = [3, 32];
+        let x = super::super::test_values(cin * positions, 9);
+        for relu in [true, false] {
+            let norm = ChannelNorm::new(
+                [&[0.1, -0.2, 0.3], &[1.0, 0.5, 2.0]],
+                [&[1.5, 0.7, 1.0], &[0.2, -0.1, 0.0]],
+                1e-5,
+                relu,
+            );
+            let mut out = vec![f32::NAN; cin * positions];
+            normalise_sample(&x, [cin, positions], &norm, &mut out);
+            let expected: Vec<f32> = (0..x.len())
+                .map(|i| norm.channel(i / positions)(x[i], 0.0))
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|v| (*v + 0.0).to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&expected), "relu {relu}");
         }
     }
 

@@ -543,7 +543,8 @@ mod tests {
         // three channels; at an even size, the stride-1 ones take Winograd (in bf16, at 32
         // channels and 16 wide, the AMX convolution of planes of channel pairs; at 96, the AMX
         // weight gradient from flat positions); 16 output columns at 8 to 16 channels, on
-        // AVX-512, the direct kernels (at stride 1 and 2).
+        // AVX-512, the direct kernels (at stride 1 and 2); 1x1 ones of 64 and 16 positions there,
+        // the pointwise kernel on the normalised input.
         for (pair, cin, cout, kernel, stride, size) in [
             (Pair::NormReluConv, 6, 8, 3, 1, 7),
             (Pair::NormReluConv, 8, 16, 3, 1, 16),
@@ -554,6 +555,8 @@ mod tests {
             (Pair::NormReluConv, 6, 8, 3, 2, 7),
             (Pair::NormReluConv, 6, 8, 1, 1, 7),
             (Pair::NormReluConv, 6, 8, 1, 2, 7),
+            (Pair::NormReluConv, 6, 8, 1, 1, 8),
+            (Pair::NormReluConv, 6, 8, 1, 2, 8),
             (Pair::ConvNormRelu, 3, 6, 3, 1, 7),
             (Pair::ConvNormRelu, 3, 6, 3, 1, 8),
         ] {
