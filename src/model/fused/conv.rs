@@ -1434,34 +1434,33 @@ pub(super) mod flex {
         let xs = contiguous_f32(&x);
         // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
         let weights = contiguous_f32(&weight);
+        // Every path takes the output's sums as it writes each sample.
+        let sums = OutputSums::new(&g, output);
+        let output_shape = Shape::new([g.n, cout, g.ho, g.wo]);
         if takes_pointwise(&g, bf16) {
             let packed = step_cache::derived(&weight, "pointwise weights", || {
                 direct::pack_pointwise_weights(&weights, [cout, g.cin])
             });
-            let sums = OutputSums::new(&g, output);
             let values = pointwise_convolve(&g, &xs, &packed, norm, &sums);
-            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
+            return sums.kept_for(tensor(values, output_shape));
         }
         if takes_direct(&g, bf16) {
             let packed = step_cache::derived(&weight, "direct weights", || {
                 direct::pack_weights(&weights, [cout, g.cin])
             });
-            let sums = OutputSums::new(&g, output);
             let values = direct_convolve(&g, &xs, &packed, norm, &sums);
-            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
+            return sums.kept_for(tensor(values, output_shape));
         }
         if takes_winograd(&g, bf16) {
-            let sums = OutputSums::new(&g, output);
             let values = winograd_convolve(&g, &xs, &weights, norm, &sums);
-            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
+            return sums.kept_for(tensor(values, output_shape));
         }
         if bf16 && takes_pair_planes(&g) {
             let packed = step_cache::derived(&weight, "tap-major A", || {
                 amx::OwnedA::packed(|buffer| pack_tap_major_weights(&g, &weights, buffer))
             });
-            let sums = OutputSums::new(&g, output);
             let values = pair_planes_convolve(&g, &xs, &packed.view(), norm, &sums);
-            return sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])));
+            return sums.kept_for(tensor(values, output_shape));
         }
         let kept_weights = bf16.then(|| {
             step_cache::derived(&weight, "pair-major A", || {
@@ -1478,7 +1477,6 @@ pub(super) mod flex {
         let group = (tile_positions / positions).clamp(1, g.n);
         // Tiles of whole output rows.
         let tile_rows = (tile_positions / g.wo).clamp(1, g.ho);
-        let sums = OutputSums::new(&g, output);
         let values = filled_by_runs(
             g.n * cout * positions,
             group * cout * positions,
@@ -1563,7 +1561,7 @@ pub(super) mod flex {
                 sums.add(index * group, block);
             },
         );
-        sums.kept_for(tensor(values, Shape::new([g.n, cout, g.ho, g.wo])))
+        sums.kept_for(tensor(values, output_shape))
     }
 
     /// Whether [`convolve`] in bf16 takes [`pair_planes_convolve`]: sizes as
@@ -1791,11 +1789,11 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
         sums: &OutputSums,
     ) -> Vec<f32> {
-        let (image, sample) = (g.cin * g.positions(), g.cout * g.positions());
+        let image = g.cin * g.positions();
         let shape = [g.cin, g.cout, g.positions()];
         // SAFETY: `pointwise_sample` writes every value of the sample's output.
         unsafe {
-            written_by_runs(g.n * sample, sample, |s, out| {
+            written_by_samples(g, sums, |s, out| {
                 let x = &xs[s * image..][..image];
                 match norm {
                     None => direct::pointwise_sample(x, packed, shape, out),
@@ -1805,6 +1803,25 @@ pub(super) mod flex {
                         direct::pointwise_sample(normalised, packed, shape, out);
                     }),
                 }
+            })
+        }
+    }
+
+    /// A convolution's output `[N, C_out, positions]` written sample by sample in parallel by
+    /// `write(s, out)`, each sample's [`OutputSums`] taken right after, while it is in cache.
+    ///
+    /// # Safety
+    /// `write` must write every value of the sample it is given.
+    unsafe fn written_by_samples(
+        g: &Geometry,
+        sums: &OutputSums,
+        write: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+    ) -> Vec<f32> {
+        let sample = g.cout * g.positions();
+        // SAFETY: `write` writes every slot of its sample (the caller's promise).
+        unsafe {
+            written_by_runs(g.n * sample, sample, |s, out| {
+                write(s, out);
                 // SAFETY: written just above.
                 sums.add(
                     s,
@@ -1836,20 +1853,14 @@ pub(super) mod flex {
         norm: Option<&ChannelNorm>,
         sums: &OutputSums,
     ) -> Vec<f32> {
-        let sample = g.cout * g.positions();
         // SAFETY: `forward_sample` writes every value of the sample's output.
         unsafe {
-            written_by_runs(g.n * sample, sample, |s, out| {
+            written_by_samples(g, sums, |s, out| {
                 with_scratch(|scratch| {
                     let (padded, layout) = direct_padded(g, xs, s, norm, &mut scratch.padded);
                     let shape = [g.cin, g.cout, g.ho, g.wo];
                     direct::forward_sample(padded, layout, packed, shape, out);
-                });
-                // SAFETY: written just above.
-                sums.add(
-                    s,
-                    &*(out as *const [std::mem::MaybeUninit<f32>] as *const [f32]),
-                );
+                })
             })
         }
     }
