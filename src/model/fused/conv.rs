@@ -1434,7 +1434,7 @@ pub(super) mod flex {
         let xs = contiguous_f32(&x);
         // `[C_out, taps]` row-major: the GEMM's `[taps, C_out]` with `k` contiguous.
         let weights = contiguous_f32(&weight);
-        // Every path takes the output's sums as it writes each sample.
+        // Every path takes the output's sums while its samples are in cache.
         let sums = OutputSums::new(&g, output);
         let output_shape = Shape::new([g.n, cout, g.ho, g.wo]);
         if takes_pointwise(&g, bf16) {
