@@ -411,6 +411,26 @@ pub(super) mod flex {
         use super::Relu;
         use std::arch::x86_64::*;
 
+        /// As `super::sample_sums` for runs of whole vectors: 16 lanes of each sum, added up
+        /// once per run. The general loop's eight accumulators and scalar tail cost about
+        /// three cycles a value on the runs of 16 and 64 of 4x4 and 8x8 images (5 GB/s).
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn sample_sums(sample: &[f32], spatial: usize, out: &mut [[f32; 3]]) {
+            for (sums, run) in out.iter_mut().zip(sample.chunks_exact(spatial)) {
+                let k = run[0];
+                let first = _mm512_set1_ps(k);
+                let (mut sum, mut squares) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for chunk in run.as_chunks::<16>().0 {
+                    // SAFETY: a whole vector.
+                    let v = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
+                    let d = _mm512_sub_ps(v, first);
+                    sum = _mm512_add_ps(sum, d);
+                    squares = _mm512_add_ps(squares, _mm512_mul_ps(d, d));
+                }
+                *sums = [k, _mm512_reduce_add_ps(sum), _mm512_reduce_add_ps(squares)];
+            }
+        }
+
         /// Where the gradient passes: everywhere, where a kept output is positive (or NaN), or
         /// where `(x - m) k + b` is (the norm's output computed again, `[m, k, b]`).
         pub(super) enum Mask<'a> {
@@ -698,6 +718,11 @@ pub(super) mod flex {
         spatial: usize,
         out: &mut [[f32; 3]],
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if spatial.is_multiple_of(16) && super::super::level() == super::super::Level::Avx512 {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { avx512::sample_sums(sample, spatial, out) };
+        }
         wide(
             #[inline(always)]
             || {
@@ -873,45 +898,49 @@ pub(super) mod flex {
 
         /// The one-pass mean and variance against the two-pass definition in f64, where the
         /// mean is large against the spread (where `E[x^2] - E[x]^2` in f32 would return
-        /// noise) and each channel's first value lies several deviations from its mean.
+        /// noise) and each channel's first value lies several deviations from its mean; runs
+        /// of 37 values (the general sums) and of 16 and 64 (on AVX-512, in vectors).
         #[test]
         fn one_pass_statistics_match_the_two_pass_definition() {
-            let (n, c, s) = (5, 3, 37);
-            let mut state = 7u64;
-            let mut uniform = || {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 40) as f64 / (1u64 << 24) as f64 - 0.5
-            };
-            let (means, spreads) = ([1000.0, -3.0, 0.0], [0.01, 2.0, 1e-3]);
-            let mut xs: Vec<f32> = (0..n * c * s)
-                .map(|i| {
-                    let ch = i / s % c;
-                    (means[ch] + spreads[ch] * uniform()) as f32
-                })
-                .collect();
-            // First values 5 (uniform) deviations off.
-            for ch in 0..c {
-                xs[ch * s] = (means[ch] + spreads[ch] * 1.5) as f32;
-            }
-            let [mean, variance] = statistics(&xs, (n, c, s));
-            for ch in 0..c {
-                let values: Vec<f64> = (0..n)
-                    .flat_map(|b| xs[(b * c + ch) * s..][..s].iter().map(|&v| f64::from(v)))
+            for s in [37, 16, 64] {
+                let (n, c) = (5, 3);
+                let mut state = 7u64;
+                let mut uniform = || {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+                };
+                let (means, spreads) = ([1000.0, -3.0, 0.0], [0.01, 2.0, 1e-3]);
+                let mut xs: Vec<f32> = (0..n * c * s)
+                    .map(|i| {
+                        let ch = i / s % c;
+                        (means[ch] + spreads[ch] * uniform()) as f32
+                    })
                     .collect();
-                let m = values.iter().sum::<f64>() / values.len() as f64;
-                let v = values.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / values.len() as f64;
-                assert!(
-                    (f64::from(mean[ch]) - m).abs() <= 1e-6 * m.abs().max(spreads[ch]),
-                    "channel {ch}: mean {} vs {m}",
-                    mean[ch]
-                );
-                assert!(
-                    (f64::from(variance[ch]) - v).abs() <= 1e-4 * v,
-                    "channel {ch}: variance {} vs {v}",
-                    variance[ch]
-                );
+                // First values 5 (uniform) deviations off.
+                for ch in 0..c {
+                    xs[ch * s] = (means[ch] + spreads[ch] * 1.5) as f32;
+                }
+                let [mean, variance] = statistics(&xs, (n, c, s));
+                for ch in 0..c {
+                    let values: Vec<f64> = (0..n)
+                        .flat_map(|b| xs[(b * c + ch) * s..][..s].iter().map(|&v| f64::from(v)))
+                        .collect();
+                    let m = values.iter().sum::<f64>() / values.len() as f64;
+                    let v =
+                        values.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / values.len() as f64;
+                    assert!(
+                        (f64::from(mean[ch]) - m).abs() <= 1e-6 * m.abs().max(spreads[ch]),
+                        "runs of {s}, channel {ch}: mean {} vs {m}",
+                        mean[ch]
+                    );
+                    assert!(
+                        (f64::from(variance[ch]) - v).abs() <= 1e-4 * v,
+                        "runs of {s}, channel {ch}: variance {} vs {v}",
+                        variance[ch]
+                    );
+                }
             }
         }
     }
