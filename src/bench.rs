@@ -13,6 +13,7 @@ use crate::io::peak_rss_mib;
 use crate::model::StepCaches;
 use crate::optim::loss_scale::{self, LossScale};
 use crate::threads::SpinningWorkers;
+use crate::train::step_gradients;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use rand::{RngCore, SeedableRng};
@@ -123,17 +124,23 @@ pub fn bench_train(
         let current = byol.take().expect("model present");
         // As `byol train` holds them, up to the optimizer step.
         let step_caches = StepCaches::start();
-        let output = current.forward(views[0].clone(), views[1].clone());
-        let (grads, finite) = loss_scale::backward(output.loss, &current.online, scale.as_ref());
+        let step = step_gradients(
+            &current,
+            views.clone(),
+            config.train.precision,
+            scale.as_ref(),
+            1.0,
+        );
         drop(step_caches);
-        let next = if loss_scale::take_step(scale.as_mut(), finite) {
-            crate::model::byol::Byol {
-                online: optimizer.step(lr, current.online, grads),
-                target: current.target,
+        let next = match step.grads {
+            Some(grads) if loss_scale::take_step(scale.as_mut(), step.finite) => {
+                crate::model::byol::Byol {
+                    online: optimizer.step(lr, current.online, grads),
+                    target: current.target,
+                }
+                .update_target(config.ema.tau_base, false)
             }
-            .update_target(config.ema.tau_base, false)
-        } else {
-            current
+            _ => current,
         };
         // Wait for the step to finish (asynchronous backends).
         let _ = next.target.projector.linear2.weight.val().into_data();

@@ -4,7 +4,7 @@
 use super::mlp::{Mlp, MlpConfig};
 use super::resnet::{BackboneConfig, ResNet};
 use crate::ema;
-use crate::loss::symmetric_loss;
+use crate::loss::{regression_loss, symmetric_loss};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -154,6 +154,21 @@ impl Byol {
             loss: symmetric_loss(prediction1, prediction2, target1, target2),
             online_projection: projection1.detach(),
         }
+    }
+
+    /// The target projection of `view`, detached.
+    pub fn target_projection(&self, view: Tensor<4>) -> Tensor<2> {
+        self.target.forward(view).detach()
+    }
+
+    /// `view` through the online network against the other view's target projection: its
+    /// term of the symmetric loss (the two terms of [`Byol::forward`]'s loss are this for
+    /// `(view1, target2)` and for `(view2, target1)`), and its online projection, detached.
+    pub fn online_term(&self, view: Tensor<4>, other_target: Tensor<2>) -> (Tensor<1>, Tensor<2>) {
+        let projection = self.online.encoder.forward(view);
+        let prediction = self.online.predict(projection.clone());
+        let term = regression_loss(prediction, other_target).mean();
+        (term, projection.detach())
     }
 
     /// Moves the target towards the online encoder by one EMA step of rate `tau`.
@@ -353,6 +368,70 @@ mod tests {
             GradientsParams::from_module(&mut grads, &byol.target).len(),
             0
         );
+    }
+
+    /// Gradients taken a view at a time (`train::step_gradients`: each view's backward right
+    /// after its forward) are those of the joint loss's one backward, loss scale or not, and
+    /// so is the loss.
+    #[test]
+    fn gradients_a_view_at_a_time_match_the_joint_backward() {
+        use crate::model::precision::Precision;
+        use crate::optim::loss_scale::LossScale;
+
+        /// Compares each parameter's gradient in `a`, times `factor`, with `b`'s.
+        struct SameGradients<'a> {
+            a: &'a GradientsParams,
+            b: &'a GradientsParams,
+            factor: f32,
+            compared: usize,
+        }
+        impl ModuleVisitor for SameGradients<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let (Some(a), Some(b)) = (self.a.get::<D>(param.id), self.b.get::<D>(param.id))
+                else {
+                    return;
+                };
+                let [a, b] = [a, b].map(|g| g.into_data().try_to_vec::<f32>().unwrap());
+                let largest = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x * self.factor - y).abs() <= 1e-4 * largest.max(1e-6),
+                        "parameter {}: {} vs {y}",
+                        self.compared,
+                        x * self.factor
+                    );
+                }
+                self.compared += 1;
+            }
+        }
+
+        let device = Device::default().autodiff();
+        let byol = tiny_config().init(&device, 0);
+        let (v1, v2) = views(&device);
+        let joint = byol.forward(v1.clone(), v2.clone());
+        let loss = joint.loss.clone().into_scalar::<f32>() as f64;
+        let joint_grads = GradientsParams::from_grads(joint.loss.backward(), &byol.online);
+        for scale in [None, Some(LossScale::new())] {
+            let views = [v1.clone(), v2.clone()];
+            let step =
+                crate::train::step_gradients(&byol, views, Precision::F32, scale.as_ref(), 0.5);
+            assert!(
+                (step.loss - loss).abs() <= 1e-6 * loss.abs(),
+                "{} vs {loss}",
+                step.loss
+            );
+            assert!(step.finite);
+            let grads = step.grads.expect("a finite loss");
+            assert_eq!(grads.len(), params(&byol.online).ids.len());
+            let mut same = SameGradients {
+                a: &grads,
+                b: &joint_grads,
+                factor: 2.0,
+                compared: 0,
+            };
+            byol.online.visit(&mut same);
+            assert_eq!(same.compared, grads.len(), "every parameter compared");
+        }
     }
 
     /// `--precision bf16`: the step's loss stays within bf16 rounding of the f32 one, every
