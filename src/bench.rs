@@ -15,6 +15,7 @@ use crate::optim::loss_scale::{self, LossScale};
 use crate::threads::SpinningWorkers;
 use crate::train::step_gradients;
 use burn::module::Module;
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Distribution, Tensor};
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -124,23 +125,24 @@ pub fn bench_train(
         let current = byol.take().expect("model present");
         // As `byol train` holds them, up to the optimizer step.
         let step_caches = StepCaches::start();
+        let mut grads = GradientsAccumulator::new();
         let step = step_gradients(
             &current,
             views.clone(),
             config.train.precision,
             scale.as_ref(),
             1.0,
+            &mut grads,
         );
         drop(step_caches);
-        let next = match step.grads {
-            Some(grads) if loss_scale::take_step(scale.as_mut(), step.finite) => {
-                crate::model::byol::Byol {
-                    online: optimizer.step(lr, current.online, grads),
-                    target: current.target,
-                }
-                .update_target(config.ema.tau_base, false)
+        let next = if step.loss.is_finite() && loss_scale::take_step(scale.as_mut(), step.finite) {
+            crate::model::byol::Byol {
+                online: optimizer.step(lr, current.online, grads.grads()),
+                target: current.target,
             }
-            _ => current,
+            .update_target(config.ema.tau_base, false)
+        } else {
+            current
         };
         // Wait for the step to finish (asynchronous backends).
         let _ = next.target.projector.linear2.weight.val().into_data();

@@ -12,13 +12,13 @@ use crate::eval::knn::{KnnAccuracy, knn_accuracy};
 use crate::io::{peak_rss_mib, write_atomic};
 use crate::loss::l2_normalize;
 use crate::model::StepCaches;
-use crate::model::byol::Byol;
+use crate::model::byol::{Byol, OnlineNetwork};
 use crate::model::precision::{Precision, autocast};
 use crate::optim::loss_scale::{self, LossScale};
 use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
 use crate::threads::SpinningWorkers;
 use anyhow::{Context, Result, bail};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -26,65 +26,56 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-/// One training step's gradients for the online network, from [`step_gradients`].
+/// What [`step_gradients`] reports of one training step.
 pub struct StepGradients {
-    /// The symmetric loss, the sum of both views' terms.
+    /// The symmetric loss, the sum of both views' terms. Where it is not finite, the view that
+    /// made it took no backward, and the gradients added are not the step's.
     pub loss: f64,
-    /// The gradient of `share` times the loss, where the loss was finite; `None` otherwise
-    /// (no backward was run).
-    pub grads: Option<GradientsParams>,
     /// Whether every gradient was finite (always so without a loss scale).
     pub finite: bool,
     /// The online projections of the first view, detached (for the collapse monitor).
     pub online_projection: Tensor<2>,
 }
 
-/// The gradients of `share` times BYOL's symmetric loss for `byol`'s online network, a view
-/// at a time: both target projections first (detached), then each view's online forward
-/// (under `precision`'s autocast), its term of the loss and at once its backward (with
-/// `scale`, as [`loss_scale::backward`]), the two gradients added. The loss is
-/// `L(p1, t2) + L(p2, t1)` with constant targets, so this is the gradient of the whole loss,
-/// but only one view's activations are kept at a time instead of both.
+/// Adds to `grads` the gradients of `share` times BYOL's symmetric loss for `byol`'s online
+/// network, a view at a time: both target projections first (detached), then each view's
+/// online forward (under `precision`'s autocast), its term of the loss and at once its
+/// backward (with `scale`, as [`loss_scale::backward`]). The loss is `L(p1, t2) + L(p2, t1)`
+/// with constant targets, so this is the gradient of the whole loss, but only one view's
+/// activations are kept at a time instead of both.
 pub fn step_gradients(
     byol: &Byol,
     [view1, view2]: [Tensor<4>; 2],
     precision: Precision,
     scale: Option<&LossScale>,
     share: f64,
+    grads: &mut GradientsAccumulator<OnlineNetwork>,
 ) -> StepGradients {
     let [target1, target2] = {
         let _autocast = autocast(precision);
         [&view1, &view2].map(|view| byol.target_projection(view.clone()))
     };
     let (mut loss, mut finite) = (0.0, true);
-    let mut online_projection = None;
-    let mut summed = GradientsAccumulator::new();
+    let mut projections = Vec::with_capacity(2);
     for (view, other_target) in [(view1, target2), (view2, target1)] {
         let (term, projection) = {
             let _autocast = autocast(precision);
             byol.online_term(view, other_target)
         };
-        online_projection.get_or_insert(projection);
-        let value = term.clone().into_scalar::<f32>() as f64;
-        loss += value;
-        if !value.is_finite() {
-            return StepGradients {
-                loss: value,
-                grads: None,
-                finite: false,
-                online_projection: online_projection.expect("set above"),
-            };
+        projections.push(projection);
+        loss += term.clone().into_scalar::<f32>() as f64;
+        if !loss.is_finite() {
+            break;
         }
-        let (grads, view_finite) =
+        let (view_grads, view_finite) =
             loss_scale::backward(term.mul_scalar(share), &byol.online, scale);
         finite &= view_finite;
-        summed.accumulate(&byol.online, grads);
+        grads.accumulate(&byol.online, view_grads);
     }
     StepGradients {
         loss,
-        grads: Some(summed.grads()),
         finite,
-        online_projection: online_projection.expect("two views"),
+        online_projection: projections.swap_remove(0),
     }
 }
 
@@ -378,11 +369,10 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             // then writes the weights in place.
             let step_caches = StepCaches::start();
             let views = [view1, view2].map(|view| to_tensor(view, n, size, device));
-            // Each of the `accumulate` batches contributes its share of the step's gradient.
+            // Each of the `accumulate` batches adds its share of the step's gradient.
             let share = 1.0 / accumulate as f64;
             let StepGradients {
                 loss,
-                grads,
                 finite,
                 online_projection,
             } = step_gradients(
@@ -391,30 +381,26 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
                 config.train.precision,
                 state.loss_scale.as_ref(),
                 share,
+                &mut accumulated,
             );
-            let Some(grads) = grads.filter(|_| loss.is_finite()) else {
+            if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} at epoch {epoch}, step {}: stopping; the last good checkpoint is in {} (try a lower --lr)",
                     state.step,
                     last.display()
                 );
-            };
+            }
             drop(step_caches);
             overflowed |= !finite;
             state.loss_sum += loss;
             state.projection_std_sum += projection_std(online_projection);
             state.batch_in_epoch += 1;
-            let grads = if accumulate == 1 {
-                grads
-            } else {
-                accumulated.accumulate(&byol.online, grads);
-                if !state.batch_in_epoch.is_multiple_of(accumulate) {
-                    timed_batches += 1;
-                    bar.inc(1);
-                    continue;
-                }
-                accumulated.grads()
-            };
+            if !state.batch_in_epoch.is_multiple_of(accumulate) {
+                timed_batches += 1;
+                bar.inc(1);
+                continue;
+            }
+            let grads = accumulated.grads();
             // A skipped step still advances the schedules.
             if loss_scale::take_step(state.loss_scale.as_mut(), !overflowed) {
                 byol.online = optimizer.step(lr, byol.online, grads);
