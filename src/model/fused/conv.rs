@@ -157,7 +157,7 @@ pub(super) mod flex {
     use super::super::batch_norm::flex::{ChannelNorm, sample_sums};
     use super::super::{
         amx, as_slots, contiguous_f32, direct, filled_by_runs, step_cache, tensor, transpose16,
-        wide, winograd, written_by_runs,
+        wide, winograd, written, written_by_runs,
     };
     use super::{GemmConvOps, input_grad_is_a_convolution, on_gemm};
     use burn::backend::Flex;
@@ -408,10 +408,17 @@ pub(super) mod flex {
             padded
         }
 
+        /// Whether the padded planes' column phases are split ([`Self::pad_samples`]) and
+        /// merged back (the strided input gradient) a vector at a time: stride 2 with one
+        /// column of padding and rows of an even width, on AVX-512
+        /// ([`direct::phase_split_plane`], [`direct::phase_merge_plane`]).
+        fn phases_in_vectors(&self) -> bool {
+            self.stride[1] == 2 && self.pad[1] == 1 && direct::splits_phases(self.w)
+        }
+
         /// Copies samples `first..` (`padded.len()` holds as many) into `padded`, padded and
         /// phase-split, each value through `norm` when given (the padding stays zero: it pads
-        /// the normalised input). Stride 2 with one column of padding and rows of an even
-        /// width, on AVX-512: by [`direct::phase_split_plane`].
+        /// the normalised input); a vector at a time where [`Self::phases_in_vectors`].
         fn pad_samples(
             &self,
             xs: &[f32],
@@ -423,7 +430,7 @@ pub(super) mod flex {
             let [hp, pitch, _] = self.padded_plane();
             let planes = xs[first * self.cin * h * w..].chunks_exact(h * w);
             let padded = padded.chunks_exact_mut(hp * pitch);
-            if self.stride[1] == 2 && self.pad[1] == 1 && direct::splits_phases(w) {
+            if self.phases_in_vectors() {
                 for (plane, (out, image)) in padded.zip(planes).enumerate() {
                     let c = plane % self.cin;
                     let affine = norm.map(|norm| (norm.affine(c), norm.relu()));
@@ -1240,8 +1247,8 @@ pub(super) mod flex {
         /// At stride 1, [`convolve`] of `dy` with [`flipped_kernel`]. Otherwise samples in
         /// parallel: `weight^T x dy` into this sample's im2col-shaped gradient,
         /// whose tap rows are added into a padded, phase-split plane (the runs im2col copies
-        /// from), which is then cropped (where [`Geometry::pad_samples`] splits the phases in
-        /// vectors, merged back by [`direct::phase_merge_plane`]).
+        /// from), which is then cropped (merged back a vector at a time where
+        /// [`Geometry::phases_in_vectors`]).
         fn gemm_conv2d_input_grad(
             output_grad: FloatTensor<Self>,
             weight: FloatTensor<Self>,
@@ -1345,7 +1352,7 @@ pub(super) mod flex {
                     }
                     let padded = prefix(&mut scratch.padded, g.cin * hp * pitch);
                     let ([ph, pw], sw) = (g.pad, g.stride[1]);
-                    let merges = sw == 2 && pw == 1 && direct::splits_phases(g.w);
+                    let merges = g.phases_in_vectors();
                     for (s, grad) in grads.chunks_exact_mut(image).enumerate() {
                         padded.fill(0.0);
                         g.add_tap_rows(columns, [width, s * positions], padded);
@@ -1823,10 +1830,7 @@ pub(super) mod flex {
             written_by_runs(g.n * sample, sample, |s, out| {
                 write(s, out);
                 // SAFETY: written just above.
-                sums.add(
-                    s,
-                    &*(out as *const [std::mem::MaybeUninit<f32>] as *const [f32]),
-                );
+                sums.add(s, written(out));
             })
         }
     }
@@ -2035,9 +2039,7 @@ pub(super) mod flex {
                         }
                     });
                     // Initialised: the tile rows above wrote every slot of the block.
-                    let written =
-                        &*(block as *const [std::mem::MaybeUninit<f32>] as *const [f32]);
-                    sums.add(index * group, written);
+                    sums.add(index * group, written(block));
                 },
             )
         }

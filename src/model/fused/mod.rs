@@ -285,6 +285,17 @@ fn as_slots(values: &[f32]) -> &[std::mem::MaybeUninit<f32>] {
     unsafe { &*(values as *const [f32] as *const [std::mem::MaybeUninit<f32>]) }
 }
 
+/// The inverse of [`as_slots`]: slots of a [`written_by_runs`] fill read back as values once
+/// written, as a convolution's output sums read each sample.
+///
+/// # Safety
+/// Every slot must have been written.
+unsafe fn written(slots: &[std::mem::MaybeUninit<f32>]) -> &[f32] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and every slot is initialised (the
+    // caller's promise).
+    unsafe { &*(slots as *const [std::mem::MaybeUninit<f32>] as *const [f32]) }
+}
+
 /// The values of an f32 flex tensor in row-major order (copied only when it is strided).
 pub(crate) fn contiguous_f32(t: &burn_flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     assert_eq!(
