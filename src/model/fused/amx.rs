@@ -443,7 +443,7 @@ mod simd {
     #[inline(always)]
     unsafe fn load(values: &[f32], from: usize) -> __m512 {
         let len = values.len().saturating_sub(from).min(16);
-        let mask = ((1u32 << len) - 1) as __mmask16;
+        let mask = super::super::first_lanes(len);
         // SAFETY: the mask enables only lanes inside `values`; masked lanes are not read.
         unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr().wrapping_add(from)) }
     }

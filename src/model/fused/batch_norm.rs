@@ -467,7 +467,7 @@ pub(super) mod flex {
             let (mut sum, mut centred) = (zero, zero);
             for at in (0..xs.len()).step_by(16) {
                 let left = (xs.len() - at).min(16);
-                let lanes: __mmask16 = if left == 16 { !0 } else { (1 << left) - 1 };
+                let lanes = super::super::super::first_lanes(left);
                 // SAFETY: the mask keeps every load inside the runs (equal lengths, asserted).
                 unsafe {
                     let x = _mm512_maskz_loadu_ps(lanes, xs.as_ptr().add(at));

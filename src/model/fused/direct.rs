@@ -16,7 +16,7 @@
 //! ([`phase_merge_plane`]).
 
 use super::batch_norm::flex::ChannelNorm;
-use super::{Level, level};
+use super::{Level, first_lanes, level};
 
 /// Floats per AVX-512 vector.
 pub(super) const LANES: usize = 16;
@@ -479,7 +479,6 @@ fn phase_merge_row(row: &[f32], out: &mut [f32]) {
         _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_permutex2var_ps, _mm512_setr_epi32,
     };
     let (w, half) = (out.len(), out.len() / 2);
-    let mask = |n: usize| (((1u32 << n) - 1) & 0xffff) as u16;
     let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for start in (0..w).step_by(2 * LANES) {
@@ -488,13 +487,17 @@ fn phase_merge_row(row: &[f32], out: &mut [f32]) {
         // SAFETY: the masked loads read `n / 2` values of each phase from `start / 2`, within
         // `row`'s `w + 2`; the masked stores write `n` values of `out` from `start`.
         unsafe {
-            let loaded = mask(n / 2);
+            let loaded = first_lanes(n / 2);
             let evens = _mm512_maskz_loadu_ps(loaded, row.as_ptr().add(half + 1 + start / 2));
             let odds = _mm512_maskz_loadu_ps(loaded, row.as_ptr().add(1 + start / 2));
             let at = out.as_mut_ptr().add(start);
-            _mm512_mask_storeu_ps(at, mask(first), _mm512_permutex2var_ps(evens, low, odds));
+            _mm512_mask_storeu_ps(
+                at,
+                first_lanes(first),
+                _mm512_permutex2var_ps(evens, low, odds),
+            );
             let rest = _mm512_permutex2var_ps(evens, high, odds);
-            _mm512_mask_storeu_ps(at.add(LANES), mask(second), rest);
+            _mm512_mask_storeu_ps(at.add(LANES), first_lanes(second), rest);
         }
     }
 }
@@ -510,7 +513,6 @@ fn phase_split_row(row: &[f32], out: &mut [f32], affine: Option<([f32; 3], bool)
     let (w, half) = (row.len(), row.len() / 2);
     out[0] = 0.0;
     out[w + 1] = 0.0;
-    let mask = |n: usize| (((1u32 << n) - 1) & 0xffff) as u16;
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for start in (0..w).step_by(2 * LANES) {
@@ -521,12 +523,12 @@ fn phase_split_row(row: &[f32], out: &mut [f32], affine: Option<([f32; 3], bool)
         // `out`'s `w + 2`.
         unsafe {
             let input = row.as_ptr().add(start);
-            let a = normalised(_mm512_maskz_loadu_ps(mask(first), input), affine);
+            let a = normalised(_mm512_maskz_loadu_ps(first_lanes(first), input), affine);
             let b = normalised(
-                _mm512_maskz_loadu_ps(mask(second), input.add(LANES)),
+                _mm512_maskz_loadu_ps(first_lanes(second), input.add(LANES)),
                 affine,
             );
-            let stored = mask(n / 2);
+            let stored = first_lanes(n / 2);
             let at = out.as_mut_ptr().add(1 + start / 2);
             _mm512_mask_storeu_ps(at, stored, _mm512_permutex2var_ps(a, odds, b));
             _mm512_mask_storeu_ps(at.add(half), stored, _mm512_permutex2var_ps(a, evens, b));

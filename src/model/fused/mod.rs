@@ -69,6 +69,12 @@ pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The AVX-512 mask (`__mmask16`) of a vector's first `n` lanes, `n` at most 16: the masked
+/// loads and stores of a partial vector.
+const fn first_lanes(n: usize) -> u16 {
+    ((1u32 << n) - 1) as u16
+}
+
 /// The widest vector instructions of this CPU that [`wide`] compiles for.
 #[derive(Clone, Copy, PartialEq)]
 enum Level {
