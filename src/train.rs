@@ -19,22 +19,22 @@ use crate::report::{EpochMetrics, plot_all, read_metrics, write_metrics};
 use crate::threads::SpinningWorkers;
 use anyhow::{Context, Result, bail};
 use burn::optim::GradientsAccumulator;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-/// What [`step_gradients`] reports of one training step.
+/// What [`step_gradients`] reports of one training step, read back from the device at once.
 pub struct StepGradients {
-    /// The symmetric loss, the sum of both views' terms. Where it is not finite, the view that
-    /// made it took no backward, and the gradients added are not the step's.
+    /// The symmetric loss, the sum of both views' terms. Where it is not finite, neither are
+    /// the gradients added.
     pub loss: f64,
     /// Whether every gradient was finite (always so without a loss scale).
     pub finite: bool,
-    /// The online projections of the first view, detached (for the collapse monitor).
-    pub online_projection: Tensor<2>,
+    /// [`projection_std`] of the first view's online projections (the collapse monitor).
+    pub projection_std: f64,
 }
 
 /// Adds to `grads` the gradients of `share` times BYOL's symmetric loss for `byol`'s online
@@ -42,7 +42,9 @@ pub struct StepGradients {
 /// online forward (under `precision`'s autocast), its term of the loss and at once its
 /// backward (with `scale`, as [`loss_scale::backward`]). The loss is `L(p1, t2) + L(p2, t1)`
 /// with constant targets, so this is the gradient of the whole loss, but only one view's
-/// activations are kept at a time instead of both.
+/// activations are kept at a time instead of both. Nothing is read back before the end, and
+/// then every value the step reports in one transfer: a GPU runs the whole step without
+/// waiting on the host.
 pub fn step_gradients(
     byol: &Byol,
     [view1, view2]: [Tensor<4>; 2],
@@ -55,28 +57,38 @@ pub fn step_gradients(
         let _autocast = autocast(precision);
         [&view1, &view2].map(|view| byol.target_projection(view.clone()))
     };
-    let (mut loss, mut finite) = (0.0, true);
-    let mut projections = Vec::with_capacity(2);
+    let mut terms = Vec::with_capacity(2);
+    let mut checks = Vec::with_capacity(2);
+    let mut first_projection = None;
     for (view, other_target) in [(view1, target2), (view2, target1)] {
         let (term, projection) = {
             let _autocast = autocast(precision);
             byol.online_term(view, other_target)
         };
-        projections.push(projection);
-        loss += term.clone().into_scalar::<f32>() as f64;
-        if !loss.is_finite() {
-            break;
-        }
-        let (view_grads, view_finite) =
-            loss_scale::backward(term.mul_scalar(share), &byol.online, scale);
-        finite &= view_finite;
+        first_projection.get_or_insert(projection);
+        terms.push(term.clone().detach());
+        let (view_grads, check) = loss_scale::backward(term.mul_scalar(share), &byol.online, scale);
+        checks.extend(check);
         grads.accumulate(&byol.online, view_grads);
     }
+    let spread = projection_std(first_projection.expect("two views"));
+    let values = read_together(terms.into_iter().chain([spread]).chain(checks));
+    let (terms, rest) = values.split_at(2);
+    let (spread, checks) = rest.split_first().expect("the spread was read");
     StepGradients {
-        loss,
-        finite,
-        online_projection: projections.swap_remove(0),
+        loss: terms.iter().map(|&t| t as f64).sum(),
+        finite: checks.iter().all(|c| c.is_finite()),
+        projection_std: *spread as f64,
     }
+}
+
+/// One-value tensors read back in a single transfer, in order, as f32.
+fn read_together(scalars: impl IntoIterator<Item = Tensor<1>>) -> Vec<f32> {
+    let scalars: Vec<_> = scalars
+        .into_iter()
+        .map(|s| s.cast(FloatDType::F32))
+        .collect();
+    Tensor::cat(scalars, 0).into_data().iter::<f32>().collect()
 }
 
 /// Where a run reads and writes, and how it reports.
@@ -169,16 +181,12 @@ pub fn monitor_knn(byol: &Byol, config: &TrainConfig, data: &RunData) -> Option<
     ))
 }
 
-/// Mean over dimensions of the per-dimension std of L2-normalised projections.
-pub fn projection_std(projections: Tensor<2>) -> f64 {
+/// Mean over dimensions of the per-dimension std of L2-normalised projections (not yet read
+/// back).
+pub fn projection_std(projections: Tensor<2>) -> Tensor<1> {
     let z = l2_normalize(projections);
     let centred = z.clone() - z.mean_dim(0);
-    centred
-        .square()
-        .mean_dim(0)
-        .sqrt()
-        .mean()
-        .into_scalar::<f32>() as f64
+    centred.square().mean_dim(0).sqrt().mean()
 }
 
 fn to_tensor(values: Vec<f32>, batch_size: usize, size: usize, device: &Device) -> Tensor<4> {
@@ -374,7 +382,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             let StepGradients {
                 loss,
                 finite,
-                online_projection,
+                projection_std,
             } = step_gradients(
                 &byol,
                 views,
@@ -393,7 +401,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> Result<RunResult> {
             drop(step_caches);
             overflowed |= !finite;
             state.loss_sum += loss;
-            state.projection_std_sum += projection_std(online_projection);
+            state.projection_std_sum += projection_std;
             state.batch_in_epoch += 1;
             if !state.batch_in_epoch.is_multiple_of(accumulate) {
                 timed_batches += 1;
@@ -528,9 +536,9 @@ mod tests {
     fn projection_std_is_zero_for_one_point_and_about_one_over_sqrt_dim_when_spread() {
         let device = Device::default();
         let same = Tensor::<2>::ones([64, 16], &device);
-        assert!(projection_std(same) < 1e-6);
+        assert!(projection_std(same).into_scalar::<f32>() < 1e-6);
         let spread = Tensor::<2>::random([4096, 16], Distribution::Normal(0.0, 1.0), &device);
-        let std = projection_std(spread) * 16f64.sqrt();
+        let std = projection_std(spread).into_scalar::<f32>() as f64 * 16f64.sqrt();
         assert!((std - 1.0).abs() < 0.1, "{std}");
     }
 }

@@ -372,7 +372,8 @@ mod tests {
 
     /// Gradients taken a view at a time (`train::step_gradients`: each view's backward right
     /// after its forward) are those of the joint loss's one backward, loss scale or not, and
-    /// so is the loss.
+    /// so are the loss and the projections' spread, all read back at the end; a view that
+    /// overflows makes the loss and the gradient check say so.
     #[test]
     fn gradients_a_view_at_a_time_match_the_joint_backward() {
         use crate::model::precision::Precision;
@@ -410,6 +411,8 @@ mod tests {
         let (v1, v2) = views(&device);
         let joint = byol.forward(v1.clone(), v2.clone());
         let loss = joint.loss.clone().into_scalar::<f32>() as f64;
+        let spread = crate::train::projection_std(joint.online_projection.clone());
+        let spread = spread.into_scalar::<f32>() as f64;
         let joint_grads = GradientsParams::from_grads(joint.loss.backward(), &byol.online);
         for scale in [None, Some(LossScale::new())] {
             let views = [v1.clone(), v2.clone()];
@@ -428,6 +431,7 @@ mod tests {
                 step.loss
             );
             assert!(step.finite);
+            assert_eq!(step.projection_std, spread);
             let grads = summed.grads();
             assert_eq!(grads.len(), params(&byol.online).ids.len());
             let mut same = SameGradients {
@@ -439,6 +443,16 @@ mod tests {
             byol.online.visit(&mut same);
             assert_eq!(same.compared, grads.len(), "every parameter compared");
         }
+        let overflowing = [v1.clone(), v2.mul_scalar(f32::INFINITY)];
+        let step = crate::train::step_gradients(
+            &byol,
+            overflowing,
+            Precision::F32,
+            Some(&LossScale::new()),
+            0.5,
+            &mut burn::optim::GradientsAccumulator::new(),
+        );
+        assert!(!step.loss.is_finite() && !step.finite);
     }
 
     /// `--precision bf16`: the step's loss stays within bf16 rounding of the f32 one, every

@@ -60,29 +60,31 @@ pub fn take_step(scale: Option<&mut LossScale>, finite: bool) -> bool {
     finite
 }
 
-/// The gradients of `loss` for `module`'s parameters, and whether they are all finite. With a
-/// `scale`, the loss is multiplied by it before the backward pass and the gradients divided
-/// by it after; [`take_step`] then says whether to take the step.
+/// The gradients of `loss` for `module`'s parameters and, with a `scale`, their [`unscale`]
+/// check (`None` without one: nothing can overflow). With a `scale`, the loss is multiplied by
+/// it before the backward pass and the gradients divided by it after; [`take_step`] then says
+/// whether to take the step.
 pub fn backward<M: Module>(
     loss: Tensor<1>,
     module: &M,
     scale: Option<&LossScale>,
-) -> (GradientsParams, bool) {
+) -> (GradientsParams, Option<Tensor<1>>) {
     match scale {
-        None => (GradientsParams::from_grads(loss.backward(), module), true),
+        None => (GradientsParams::from_grads(loss.backward(), module), None),
         Some(scale) => {
             let loss = loss.mul_scalar(scale.scale);
             let mut grads = GradientsParams::from_grads(loss.backward(), module);
-            let finite = unscale(&mut grads, module, scale.scale);
-            (grads, finite)
+            let check = unscale(&mut grads, module, scale.scale);
+            (grads, check)
         }
     }
 }
 
-/// Divides every gradient of `module`'s parameters in `grads` by `scale`; whether all of them
-/// are finite. One value is read back for the whole check (the sum of every gradient, which
-/// an inf or a NaN anywhere makes non-finite), so a GPU waits once per step.
-pub fn unscale(grads: &mut GradientsParams, module: &impl Module, scale: f64) -> bool {
+/// Divides every gradient of `module`'s parameters in `grads` by `scale`. Returns, not yet
+/// read back, the sum of every gradient, which an inf or a NaN anywhere makes non-finite:
+/// the caller reads it with the step's other values, so that a GPU waits once per step
+/// (`None` when `grads` holds none of `module`'s parameters).
+pub fn unscale(grads: &mut GradientsParams, module: &impl Module, scale: f64) -> Option<Tensor<1>> {
     struct Unscale<'a> {
         grads: &'a mut GradientsParams,
         inverse: f64,
@@ -108,9 +110,7 @@ pub fn unscale(grads: &mut GradientsParams, module: &impl Module, scale: f64) ->
         total: None,
     };
     module.visit(&mut visitor);
-    visitor
-        .total
-        .is_none_or(|total| total.into_scalar::<f32>().is_finite())
+    visitor.total
 }
 
 #[cfg(test)]
@@ -164,6 +164,14 @@ mod tests {
         assert_eq!(s.good_steps, 1);
     }
 
+    /// What an [`unscale`] check says once read back.
+    fn finite(check: Option<Tensor<1>>) -> bool {
+        check
+            .expect("a check of the gradients")
+            .into_scalar::<f32>()
+            .is_finite()
+    }
+
     fn linear_grads(scale: f64, poison: bool) -> (Linear, GradientsParams, Tensor<2>) {
         let device = Device::default().autodiff();
         let layer = LinearConfig::new(4, 3).init(&device);
@@ -181,11 +189,11 @@ mod tests {
         let layer = LinearConfig::new(4, 3).init(&device);
         let x = Tensor::<2>::random([5, 4], Distribution::Normal(0.0, 1.0), &device);
         let loss = || layer.forward(x.clone()).powi_scalar(2).mean().unsqueeze();
-        let (plain, finite) = backward(loss(), &layer, None);
-        assert!(finite);
+        let (plain, check) = backward(loss(), &layer, None);
+        assert!(check.is_none());
         let scale = LossScale::new();
-        let (scaled, finite) = backward(loss(), &layer, Some(&scale));
-        assert!(finite);
+        let (scaled, check) = backward(loss(), &layer, Some(&scale));
+        assert!(finite(check));
         let [plain, scaled] = [plain, scaled].map(|g| g.get::<2>(layer.weight.id).unwrap());
         let error = (plain.clone() - scaled).abs().max().into_scalar::<f32>();
         assert!(error <= 1e-6 * plain.abs().max().into_scalar::<f32>());
@@ -194,7 +202,7 @@ mod tests {
     #[test]
     fn unscale_divides_every_gradient_and_reports_overflow() {
         let (layer, mut grads, scaled) = linear_grads(1024.0, false);
-        assert!(unscale(&mut grads, &layer, 1024.0));
+        assert!(finite(unscale(&mut grads, &layer, 1024.0)));
         let unscaled = grads.get::<2>(layer.weight.id).unwrap();
         let error = (unscaled * 1024.0 - scaled.clone())
             .abs()
@@ -204,6 +212,6 @@ mod tests {
         assert!(grads.get::<1>(layer.bias.as_ref().unwrap().id).is_some());
 
         let (layer, mut grads, _) = linear_grads(1024.0, true);
-        assert!(!unscale(&mut grads, &layer, 1024.0));
+        assert!(!finite(unscale(&mut grads, &layer, 1024.0)));
     }
 }
