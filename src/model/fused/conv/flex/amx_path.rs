@@ -84,11 +84,11 @@ pub(super) fn pack_weights<'a>(
     })
 }
 
-/// [`add_chunk_by_gemm`](super::split_sums::add_chunk_by_gemm) on AMX tiles, adding to `part.sum` when `accumulate` (else
-/// overwriting it): `dy^T` packed as B once (at most [`AMX_GRADIENT_B_BYTES`]), which
-/// every block of taps then reuses from L2, and the im2col rows of a block of taps at a
-/// time packed as A straight from the padded input (at most [`AMX_GRADIENT_A_BYTES`]), so
-/// that each block of the sum is loaded and stored once per chunk.
+/// [`add_chunk_by_gemm`](super::split_sums::add_chunk_by_gemm) on AMX tiles, adding to `part.sum`
+/// when `accumulate` (else overwriting it): `dy^T` packed as B once (at most
+/// [`AMX_GRADIENT_B_BYTES`]), which every block of taps then reuses from L2, and the im2col rows of
+/// a block of taps at a time packed as A straight from the padded input (at most
+/// [`AMX_GRADIENT_A_BYTES`]), so that each block of the sum is loaded and stored once per chunk.
 pub(super) fn add_chunk_on_amx(
     g: &Geometry,
     [padded, dys]: [&[f32]; 2],
@@ -116,8 +116,8 @@ pub(super) fn add_chunk_on_amx(
     }
 }
 
-/// Whether [`weight_grad`](super::weight_grad) in bf16 takes [`flat_weight_grad`]: stride 1, channels in
-/// blocks of 32, rows (padded, and of the output) of even length, so that the flat
+/// Whether [`weight_grad`](super::weight_grad) in bf16 takes [`flat_weight_grad`]: stride 1,
+/// channels in blocks of 32, rows (padded, and of the output) of even length, so that the flat
 /// positions pair up within a row, and at least `FLAT_MIN_WIDTH` wide.
 pub(super) fn takes_flat_gradient(g: &Geometry) -> bool {
     let width = g.w + 2 * g.pad[1];
@@ -128,9 +128,9 @@ pub(super) fn takes_flat_gradient(g: &Geometry) -> bool {
         && g.wo >= FLAT_MIN_WIDTH
 }
 
-/// [`weight_grad`](super::weight_grad) in bf16 by [`amx::add_weight_gradient`], with no im2col: each thread
-/// lays its samples out flat, a chunk at a time (the input as padded bf16 planes, through
-/// `norm` as it is copied; `dy` over the same positions, transposed to pairs of positions
+/// [`weight_grad`](super::weight_grad) in bf16 by [`amx::add_weight_gradient`], with no im2col:
+/// each thread lays its samples out flat, a chunk at a time (the input as padded bf16 planes,
+/// through `norm` as it is copied; `dy` over the same positions, transposed to pairs of positions
 /// by 16 x 16 blocks), and sums them into its own `[taps, C_out]` part.
 pub(super) fn flat_weight_grad(
     g: &Geometry,
@@ -212,11 +212,10 @@ pub(super) fn takes_pair_planes(g: &Geometry) -> bool {
     g.stride[0] == g.stride[1] && amx::pair_planes_apply(g.cin, g.cout, [g.ho, g.wo])
 }
 
-/// [`convolve`](super::convolve) in bf16 by [`amx::convolve_pair_planes`], sample by sample: the input
-/// copied into padded planes of channel pairs in bf16 (through `norm` as it is copied;
-/// split into the `stride x stride` phases of the padded positions when strided) and
-/// convolved where it lies, with no im2col; the products land in the NCHW output as they
-/// are.
+/// [`convolve`](super::convolve) in bf16 by [`amx::convolve_pair_planes`], sample by sample: the
+/// input copied into padded planes of channel pairs in bf16 (through `norm` as it is copied; split
+/// into the `stride x stride` phases of the padded positions when strided) and convolved where it
+/// lies, with no im2col; the products land in the NCHW output as they are.
 pub(super) fn pair_planes_convolve(
     g: &Geometry,
     xs: &[f32],

@@ -21,8 +21,8 @@ pub(super) const DIRECT_MAX_CHANNELS: usize = 16;
 /// 0.75-0.89 -> 0.53-0.62 and 0.42-0.44 -> 0.32-0.35); width 1's (2 Mi) ran no faster.
 pub(super) const POINTWISE_MAX_WORK: usize = 1 << 18;
 
-/// Whether [`convolve`](super::convolve) takes [`pointwise_convolve`]: an f32 1x1 convolution at stride 1
-/// (a strided one reads its subsample) with no padding that [`direct::pointwise_applies`]
+/// Whether [`convolve`](super::convolve) takes [`pointwise_convolve`]: an f32 1x1 convolution at
+/// stride 1 (a strided one reads its subsample) with no padding that [`direct::pointwise_applies`]
 /// to, of at most [`POINTWISE_MAX_WORK`] multiply-adds per sample.
 pub(super) fn takes_pointwise(g: &Geometry, bf16: bool) -> bool {
     [g.kh, g.kw] == [1, 1]
@@ -33,9 +33,9 @@ pub(super) fn takes_pointwise(g: &Geometry, bf16: bool) -> bool {
         && !bf16
 }
 
-/// [`convolve`](super::convolve) by [`direct::pointwise_sample`], sample by sample in parallel (each
-/// through `norm` into this thread's scratch first, when given), its output sums taken
-/// while it is in cache.
+/// [`convolve`](super::convolve) by [`direct::pointwise_sample`], sample by sample in parallel
+/// (each through `norm` into this thread's scratch first, when given), its output sums taken while
+/// it is in cache.
 pub(super) fn pointwise_convolve(
     g: &Geometry,
     xs: &[f32],
@@ -61,9 +61,10 @@ pub(super) fn pointwise_convolve(
     }
 }
 
-/// Whether [`convolve`](super::convolve) takes [`direct_convolve`]: a 3x3, padding-1 convolution of stride 1
-/// or 2 that [`direct::applies`] to, with at most [`DIRECT_MAX_CHANNELS`] channels on one
-/// side (a stem's three inputs) and, in bf16, as narrow as [`takes_winograd`](super::winograd_path::takes_winograd) allows.
+/// Whether [`convolve`](super::convolve) takes [`direct_convolve`]: a 3x3, padding-1 convolution of
+/// stride 1 or 2 that [`direct::applies`] to, with at most [`DIRECT_MAX_CHANNELS`] channels on one
+/// side (a stem's three inputs) and, in bf16, as narrow as
+/// [`takes_winograd`](super::winograd_path::takes_winograd) allows.
 pub(super) fn takes_direct(g: &Geometry, bf16: bool) -> bool {
     [g.kh, g.kw] == [3, 3]
         && (g.stride == [1, 1] || g.stride == [2, 2])
@@ -73,9 +74,9 @@ pub(super) fn takes_direct(g: &Geometry, bf16: bool) -> bool {
         && (!bf16 || g.cin.max(g.cout) <= BF16_WINOGRAD_MAX_CHANNELS)
 }
 
-/// [`convolve`](super::convolve) by [`direct::forward_sample`], sample by sample in parallel: each padded
-/// (through `norm`) into this thread's scratch, convolved, and its output sums taken
-/// while it is in cache.
+/// [`convolve`](super::convolve) by [`direct::forward_sample`], sample by sample in parallel: each
+/// padded (through `norm`) into this thread's scratch, convolved, and its output sums taken while
+/// it is in cache.
 pub(super) fn direct_convolve(
     g: &Geometry,
     xs: &[f32],
@@ -95,10 +96,10 @@ pub(super) fn direct_convolve(
     }
 }
 
-/// [`weight_grad`](super::weight_grad) by [`direct::add_gradient_sample`]: each thread adds its share of the
-/// samples (in one call: each sample padded through `norm` into the thread's scratch, its
-/// output gradient copied to a cache line's start) into sums of its own, lane by lane,
-/// which it adds up once at the end.
+/// [`weight_grad`](super::weight_grad) by [`direct::add_gradient_sample`]: each thread adds its
+/// share of the samples (in one call: each sample padded through `norm` into the thread's scratch,
+/// its output gradient copied to a cache line's start) into sums of its own, lane by lane, which it
+/// adds up once at the end.
 pub(super) fn direct_weight_grad(
     g: &Geometry,
     xs: &[f32],

@@ -231,14 +231,14 @@ impl Geometry {
         }
     }
 
-    /// The blocks of a Winograd convolution or weight gradient, `[samples, tile rows]`: a
-    /// block of several samples for small images, else of some tile rows of one sample.
-    /// Tiles per block: enough that each pass over the weights does much work (at least
-    /// 64), few enough that the transformed tiles (`points x C x tiles`, for the wider of
-    /// C_in and C_out) stay near 4 MB and at most `max_tiles` ([`WINOGRAD_MAX_TILES`](super::winograd_path::WINOGRAD_MAX_TILES),
-    /// [`WINOGRAD_NARROW_MAX_TILES`](super::winograd_path::WINOGRAD_NARROW_MAX_TILES)), and no more than a thread's share, so that the small
-    /// images of the deep layers (a tile or four each) still make a block for every thread
-    /// (width 0.25 1.05x, width 1 1.02x).
+    /// The blocks of a Winograd convolution or weight gradient, `[samples, tile rows]`: a block of
+    /// several samples for small images, else of some tile rows of one sample. Tiles per block:
+    /// enough that each pass over the weights does much work (at least 64), few enough that the
+    /// transformed tiles (`points x C x tiles`, for the wider of C_in and C_out) stay near 4 MB and
+    /// at most `max_tiles` ([`WINOGRAD_MAX_TILES`](super::winograd_path::WINOGRAD_MAX_TILES),
+    /// [`WINOGRAD_NARROW_MAX_TILES`](super::winograd_path::WINOGRAD_NARROW_MAX_TILES)), and no more
+    /// than a thread's share, so that the small images of the deep layers (a tile or four each)
+    /// still make a block for every thread (width 0.25 1.05x, width 1 1.02x).
     pub(super) fn winograd_blocks(
         &self,
         tile: usize,

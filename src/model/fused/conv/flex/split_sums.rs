@@ -19,12 +19,12 @@ pub(super) const SPLIT_CHUNK_FLOATS: usize = 1 << 16;
 #[cfg(test)]
 pub(super) const SPLIT_CHUNK_FLOATS: usize = 1200;
 
-/// [`weight_grad`](super::weight_grad) with the sum split over the threads: each sums its samples into a
-/// `[taps, C_out]` part of its own, a chunk of samples at a time, their im2col made in its
-/// own buffers and read while in cache: in bf16 on AMX tiles ([`add_chunk_on_amx`], where
-/// the flat weight gradient does not apply), in f32 for the small results (at most
-/// [`SPLIT_SUM_MAX_RESULT`](super::SPLIT_SUM_MAX_RESULT), where gemm's own threading splits `m x n` only) by gemm on
-/// the thread ([`add_chunk_by_gemm`]).
+/// [`weight_grad`](super::weight_grad) with the sum split over the threads: each sums its samples
+/// into a `[taps, C_out]` part of its own, a chunk of samples at a time, their im2col made in its
+/// own buffers and read while in cache: in bf16 on AMX tiles ([`add_chunk_on_amx`], where the flat
+/// weight gradient does not apply), in f32 for the small results (at most
+/// [`SPLIT_SUM_MAX_RESULT`](super::SPLIT_SUM_MAX_RESULT), where gemm's own threading splits `m x n`
+/// only) by gemm on the thread ([`add_chunk_by_gemm`]).
 pub(super) fn split_weight_grad(
     g: &Geometry,
     xs: &[f32],

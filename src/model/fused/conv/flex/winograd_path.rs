@@ -54,10 +54,10 @@ pub(super) const WINOGRAD_MAX_TILES: usize = 3;
 #[cfg(test)]
 pub(super) const WINOGRAD_NARROW_MAX_TILES: usize = 3;
 
-/// Whether [`convolve`](super::convolve) takes [`winograd_convolve`]. Its transforms and copies cost per
-/// value, what it saves grows with the channels: measured, every 3x3 layer of a ResNet-18
-/// gains at width 1 (channels x output width 2,048) and, since F(4x4, 3x3), at width 0.25
-/// (512: the step 1.07x; 0.99x with F(2x2, 3x3)). In bf16 only the narrowest layers
+/// Whether [`convolve`](super::convolve) takes [`winograd_convolve`]. Its transforms and copies
+/// cost per value, what it saves grows with the channels: measured, every 3x3 layer of a ResNet-18
+/// gains at width 1 (channels x output width 2,048) and, since F(4x4, 3x3), at width 0.25 (512: the
+/// step 1.07x; 0.99x with F(2x2, 3x3)). In bf16 only the narrowest layers
 /// (`BF16_WINOGRAD_MAX_CHANNELS`): f32 Winograd there beats the AMX tiles.
 pub(super) fn takes_winograd(g: &Geometry, bf16: bool) -> bool {
     winograd::applies([g.kh, g.kw], g.stride, g.pad)
@@ -65,19 +65,19 @@ pub(super) fn takes_winograd(g: &Geometry, bf16: bool) -> bool {
         && (!bf16 || g.cin.max(g.cout) <= BF16_WINOGRAD_MAX_CHANNELS)
 }
 
-/// Whether [`weight_grad`](super::weight_grad) takes [`winograd_weight_grad`]: where an f32 forward takes
-/// Winograd and the output is even; in bf16, up to `BF16_WINOGRAD_GRADIENT_MAX_CHANNELS`.
+/// Whether [`weight_grad`](super::weight_grad) takes [`winograd_weight_grad`]: where an f32 forward
+/// takes Winograd and the output is even; in bf16, up to `BF16_WINOGRAD_GRADIENT_MAX_CHANNELS`.
 pub(super) fn takes_winograd_gradient(g: &Geometry, bf16: bool) -> bool {
     takes_winograd(g, false)
         && winograd::gradient_applies([g.kh, g.kw], g.stride, g.pad, [g.ho, g.wo])
         && (!bf16 || g.cin.max(g.cout) <= BF16_WINOGRAD_GRADIENT_MAX_CHANNELS)
 }
 
-/// [`convolve`](super::convolve) of a 3x3, stride-1, padding-1 convolution by Winograd's F(4x4, 3x3)
-/// ([`winograd`]): per block of samples (or of tile rows, for large images), the padded
-/// input copied channels-last and transformed, 36 single-threaded GEMMs
-/// `[C_out, C_in] x [C_in, tiles]` (gemm's, or [`winograd::point_products`]), and their
-/// products transformed into the output, whose [`OutputSums`] each block takes then.
+/// [`convolve`](super::convolve) of a 3x3, stride-1, padding-1 convolution by Winograd's F(4x4,
+/// 3x3) ([`winograd`]): per block of samples (or of tile rows, for large images), the padded input
+/// copied channels-last and transformed, 36 single-threaded GEMMs `[C_out, C_in] x [C_in, tiles]`
+/// (gemm's, or [`winograd::point_products`]), and their products transformed into the output, whose
+/// [`OutputSums`] each block takes then.
 pub(super) fn winograd_convolve(
     g: &Geometry,
     xs: &[f32],
@@ -180,15 +180,15 @@ pub(super) fn winograd_convolve(
     }
 }
 
-/// [`weight_grad`](super::weight_grad) of a 3x3, stride-1, padding-1 convolution by Winograd's F(3x3, 2x2)
-/// ([`winograd::gradient_output_grad`]): per block of samples (or of tile rows), the padded
-/// input and the output gradient channels-last and transformed, and 16 GEMMs
-/// `[C_out, tiles] x [tiles, C_in]` adding into the sums of the 16 points, then transformed
-/// into the kernels' gradient. The threads split the blocks, each into sums of its own
-/// added at the end; where those would be large (16 x C_in x C_out: 16 MB each at 512
-/// channels, +66 MiB peak memory), they split the points by rows of the 4x4 tile instead
-/// (both transforms cost in proportion) into one sum, each transposing every block's input
-/// and gradient (measured 0.93x the step with the blocks split, over all layers).
+/// [`weight_grad`](super::weight_grad) of a 3x3, stride-1, padding-1 convolution by Winograd's
+/// F(3x3, 2x2) ([`winograd::gradient_output_grad`]): per block of samples (or of tile rows), the
+/// padded input and the output gradient channels-last and transformed, and 16 GEMMs `[C_out, tiles]
+/// x [tiles, C_in]` adding into the sums of the 16 points, then transformed into the kernels'
+/// gradient. The threads split the blocks, each into sums of its own added at the end; where those
+/// would be large (16 x C_in x C_out: 16 MB each at 512 channels, +66 MiB peak memory), they split
+/// the points by rows of the 4x4 tile instead (both transforms cost in proportion) into one sum,
+/// each transposing every block's input and gradient (measured 0.93x the step with the blocks
+/// split, over all layers).
 pub(super) fn winograd_weight_grad(
     g: &Geometry,
     xs: &[f32],
