@@ -5,9 +5,12 @@
 # PyTorch, but no Rust and no network (the device machine of these sessions), so it runs in two
 # places:
 #
-#   bench/gpu.sh --prepare   here: builds byol with the `vulkan` and `wgpu` features, stripped
-#                            and xz-compressed, and gathers the CIFAR-10 archive and the Vulkan
-#                            loader's Debian packages, all into gpu/ (ignored by git, ~35 MB)
+#   bench/gpu.sh --prepare   here: builds byol twice, stripped and xz-compressed: with the
+#                            `vulkan` and `wgpu` features (byol: SPIR-V on Vulkan, where
+#                            cubecl uses cooperative matrices) and with `wgpu` alone
+#                            (byol-wgsl: WGSL shaders, the fallback); gathers the CIFAR-10
+#                            archive and the Vulkan loader's Debian packages; all into gpu/
+#                            (ignored by git, ~50 MB)
 #   bench/gpu.sh             there, in the repository root, with gpu/ carried along: prints a
 #                            markdown table and writes to $OUT (or gpu/out) four files: the
 #                            table (gpu.md), every JSON line (gpu.jsonl), the commands' logs
@@ -28,6 +31,12 @@ if [ "${1:-}" = --prepare ]; then
   cargo build --release --features vulkan,wgpu --target-dir target/gpu
   strip -o "$dir/byol" target/gpu/release/byol
   xz -T0 -6 -f "$dir/byol"
+  # With the `vulkan` feature compiled in, cubecl compiles SPIR-V for every Vulkan adapter,
+  # `--device wgpu` included; only a build without it sends WGSL through the driver's own
+  # compiler (lavapipe 22.3 crashes compiling cubecl's SPIR-V, and runs the WGSL build).
+  cargo build --release --features wgpu --target-dir target/gpu-wgsl
+  strip -o "$dir/byol-wgsl" target/gpu-wgsl/release/byol
+  xz -T0 -6 -f "$dir/byol-wgsl"
   cp "${DATA:-../shared/data/cifar10-jpg.tar.gz}" "$dir/cifar10-jpg.tar.gz"
   # The loader (libvulkan.so.1) and the GL dispatch libraries NVIDIA's Vulkan driver loads.
   (cd "$dir/debs" && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 \
@@ -54,12 +63,21 @@ results=$out/gpu.jsonl log=$out/gpu.log
 : >"$results"
 : >"$log"
 
+unpack() {
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$1" "$2"
+  chmod +x "$2"
+}
+# The fallback when the SPIR-V path fails: the WGSL build, or the same binary on `--device wgpu`.
+fallback=
 if [ -z "$binary" ]; then
   [ -f "$dir/byol.xz" ] || { echo "$dir/byol.xz missing: run bench/gpu.sh --prepare first" >&2; exit 2; }
   binary=/tmp/byol-gpu
-  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-    "$dir/byol.xz" "$binary"
-  chmod +x "$binary"
+  unpack "$dir/byol.xz" "$binary"
+  if [ -f "$dir/byol-wgsl.xz" ]; then
+    fallback=/tmp/byol-gpu-wgsl
+    unpack "$dir/byol-wgsl.xz" "$fallback"
+  fi
 fi
 if ! ldconfig -p | grep -q libvulkan.so.1 && compgen -G "$dir/debs/*.deb" >/dev/null; then
   for f in "$dir"/debs/*.deb; do dpkg -x "$f" /; done
@@ -111,7 +129,9 @@ run torch-train-f32 60 "${torch[@]}"
 run torch-train-amp 60 "${torch[@]}" --amp
 run byol-train-f32 120 "$binary" bench train --device "$device" "${common[@]}"
 if ! grep -q '"byol-train-f32"' "$results" && [ "$device" = vulkan ]; then
-  device=wgpu  # wgpu's own choice of API and its WGSL compiler, if the SPIR-V path failed
+  # The SPIR-V path failed: wgpu with WGSL shaders (the build without `vulkan`, see --prepare).
+  device=wgpu
+  binary=${fallback:-$binary}
   run byol-train-f32 120 "$binary" bench train --device "$device" "${common[@]}"
 fi
 # f16 with a dynamic loss scale: where the GPU's tensor cores come in (wgpu has no bf16).
