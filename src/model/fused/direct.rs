@@ -37,20 +37,25 @@ pub(super) fn applies(cout: usize, w: usize) -> bool {
         && level() == Level::Avx512
 }
 
-/// The weights `[C_out, C_in, 3, 3]` as the forward reads them: per block of [`CHANNELS`]
-/// output channels, `[C_in, 9, CHANNELS]`.
-pub(super) fn pack_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
-    assert_eq!(weights.len(), cout * cin * 9, "weights [C_out, C_in, 3, 3]");
+/// The weights `[C_out, C_in, kh, kw]` (`taps = kh * kw`: 9 for [`forward_sample`], 1 for
+/// [`pointwise_sample`]) as those kernels read them: per block of [`CHANNELS`] output channels,
+/// `[C_in, taps, CHANNELS]`.
+pub(super) fn pack_weights(weights: &[f32], [cout, cin, taps]: [usize; 3]) -> Vec<f32> {
+    assert_eq!(
+        weights.len(),
+        cout * cin * taps,
+        "weights [C_out, C_in, kh, kw]"
+    );
     assert_eq!(cout % CHANNELS, 0, "output channels in whole blocks");
     let mut packed = vec![0.0; weights.len()];
     for (i, value) in packed.iter_mut().enumerate() {
         let (block, ci, tap, c) = (
-            i / (cin * 9 * CHANNELS),
-            i / (9 * CHANNELS) % cin,
-            i / CHANNELS % 9,
+            i / (cin * taps * CHANNELS),
+            i / (taps * CHANNELS) % cin,
+            i / CHANNELS % taps,
             i % CHANNELS,
         );
-        *value = weights[((block * CHANNELS + c) * cin + ci) * 9 + tap];
+        *value = weights[((block * CHANNELS + c) * cin + ci) * taps + tap];
     }
     packed
 }
@@ -164,21 +169,8 @@ pub(super) fn pointwise_applies(cout: usize, positions: usize) -> bool {
     positions.is_multiple_of(LANES) && cout.is_multiple_of(CHANNELS) && level() == Level::Avx512
 }
 
-/// The weights `[C_out, C_in]` of a 1x1 convolution as [`pointwise_sample`] reads them: per
-/// block of [`CHANNELS`] output channels, `[C_in, CHANNELS]`.
-pub(super) fn pack_pointwise_weights(weights: &[f32], [cout, cin]: [usize; 2]) -> Vec<f32> {
-    assert_eq!(weights.len(), cout * cin, "weights [C_out, C_in, 1, 1]");
-    assert_eq!(cout % CHANNELS, 0, "output channels in whole blocks");
-    let mut packed = vec![0.0; weights.len()];
-    for (i, value) in packed.iter_mut().enumerate() {
-        let (block, ci, c) = (i / (cin * CHANNELS), i / CHANNELS % cin, i % CHANNELS);
-        *value = weights[(block * CHANNELS + c) * cin + ci];
-    }
-    packed
-}
-
 /// One sample's output `[C_out, P]` of a 1x1 convolution of its input `[C_in, P]`, with the
-/// [`pack_pointwise_weights`] weights: per group of output-channel blocks, runs of vectors of
+/// [`pack_weights`] weights: per group of output-channel blocks, runs of vectors of
 /// positions summed in registers over all input channels. At 16 to 64 input channels gemm's
 /// packing and calls cost more than its products (a width-0.25 downsample ran at 40-70
 /// GFLOP/s). Planes of one or two vectors (4x4 and 8x4 images) take several blocks at once,
@@ -904,7 +896,7 @@ mod tests {
         ] {
             let x = super::super::test_values(cin * positions, 7);
             let weights = super::super::test_values(cout * cin, 8);
-            let packed = pack_pointwise_weights(&weights, [cout, cin]);
+            let packed = pack_weights(&weights, [cout, cin, 1]);
             let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); cout * positions];
             pointwise_sample(&x, &packed, [cin, cout, positions], &mut out);
             for (i, value) in out.iter().enumerate() {
@@ -956,7 +948,7 @@ mod tests {
             let x = super::super::test_values(cin * h * w, 1);
             let weights = super::super::test_values(cout * cin * 9, 2);
             let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); cout * h * w];
-            let packed = pack_weights(&weights, [cout, cin]);
+            let packed = pack_weights(&weights, [cout, cin, 9]);
             forward_sample(
                 &padded(&x, [1, cin, h, w]),
                 unstrided([h, w]),

@@ -428,14 +428,14 @@ pub(in crate::model::fused) fn convolve(
     let output_shape = Shape::new([g.n, cout, g.ho, g.wo]);
     if takes_pointwise(&g, bf16) {
         let packed = step_cache::derived(&weight, "pointwise weights", || {
-            direct::pack_pointwise_weights(&weights, [cout, g.cin])
+            direct::pack_weights(&weights, [cout, g.cin, g.kh * g.kw])
         });
         let values = pointwise_convolve(&g, &xs, &packed, norm, &sums);
         return sums.kept_for(tensor(values, output_shape));
     }
     if takes_direct(&g, bf16) {
         let packed = step_cache::derived(&weight, "direct weights", || {
-            direct::pack_weights(&weights, [cout, g.cin])
+            direct::pack_weights(&weights, [cout, g.cin, g.kh * g.kw])
         });
         let values = direct_convolve(&g, &xs, &packed, norm, &sums);
         return sums.kept_for(tensor(values, output_shape));
