@@ -239,6 +239,8 @@ pub fn bench_conv(config: &TrainConfig, warmup: usize, steps: usize) -> Vec<Conv
         }
     }
     let milliseconds = |work: &mut dyn FnMut()| time(warmup, steps, work).median_s * 1e3;
+    // The pool's workers spin between the timed calls, as they do through a training step.
+    let _spinning = SpinningWorkers::start();
     distinct
         .into_iter()
         .map(|(call, layers)| {
