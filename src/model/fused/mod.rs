@@ -1,12 +1,15 @@
 //! Operations of our own for flex, where burn 0.22's generic ones are slow: BatchNorm in
 //! training mode (forward and backward in one pass each, with a following ReLU or residual
-//! add + ReLU fused in) and the convolution (forward, input and weight gradients on GEMM; in
-//! inference too), whose GEMMs run on AMX tiles in bf16 under `--precision bf16` ([`amx`]), and
-//! in f32 by Winograd's F(2x2, 3x3) for the 3x3 stride-1 layers of wide models, their weight
-//! gradients by F(3x3, 2x2) (`winograd`).
+//! add + ReLU fused in; [`batch_norm`]), a norm fused into the convolution that reads it
+//! ([`norm_conv`]), and the convolution (forward, input and weight gradients; in inference
+//! too; [`conv`]). Each convolution takes the path that measured fastest for its shape: GEMM
+//! on im2col, Winograd's F(4x4, 3x3) for 3x3 stride-1 layers with enough channels times
+//! output width (their weight gradients by F(3x3, 2x2); `winograd`), kernels in AVX-512
+//! registers for the narrowest layers and small 1x1 convolutions (`direct`), and under
+//! `--precision bf16` AMX tiles ([`amx`]; without AMX the f32 paths).
 //! Each is a burn backend extension with a hand-written backward; on any other backend or when
 //! switched off, burn's own module forward runs instead, and burn's ops are the reference in
-//! the tests. In bf16 without AMX the convolutions take the f32 path.
+//! the tests.
 
 pub mod amx;
 pub mod batch_norm;
