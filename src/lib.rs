@@ -3,6 +3,10 @@
 //! Layout: [`model`] (backbone, heads, the online/target pair), [`loss`], [`ema`], [`optim`]
 //! (optimizers, schedules), [`data`] (datasets, augmentations, loader), [`eval`] (kNN),
 //! [`train`] (the loop; [`threads`] keeps the compute pool awake through a step), [`cli`].
+//!
+//! The docs are written for this crate's developers and link private items: read them with
+//! `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod bench;
 pub mod checkpoint;
