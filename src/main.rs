@@ -5,8 +5,10 @@ fn main() -> std::process::ExitCode {
     keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
+            // cubecl's autotuner logs each kernel shape it times on a GPU (tens of lines at
+            // the first steps); `BYOL_LOG=info` shows them.
             tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,cubecl_runtime::tune=warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
